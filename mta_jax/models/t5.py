@@ -1,0 +1,438 @@
+"""A Flax Linen T5 encoder-decoder (v1.0, v1.1, Flan-T5) that matches Hugging Face's.
+
+Parity-relevant choices, all taken from the PyTorch reference:
+  * no 1/sqrt(d) scaling of attention scores;
+  * one bucketed relative-position bias per stack (bidirectional in the encoder, causal in
+    the decoder), owned by the stack and shared by all its layers;
+  * RMS layer norm without mean or bias, computed in float32;
+  * pre-norm residual sub-layers, a final norm per stack;
+  * v1.0 scales the decoder output by d_model**-0.5 before a head tied to the embedding.
+
+The FFN sub-layer is pluggable: `T5Config.ffn_plug` decides, per (stack, layer), whether a
+different module (the MTA block, a mixture-of-experts baseline, ...) replaces or joins the
+dense FFN. Every parameter carries logical axis names, so sharding needs no model change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+Array = jax.Array
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "silu": nn.silu,
+}
+
+
+def dtype_of(name: str) -> Any:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+class FfnPlug(Protocol):
+    """What a replacement for the FFN sub-layer must say about itself (see mta.MTAConfig)."""
+
+    name: str  # module name: its parameters live under `<stack>/layers_<i>/<name>`
+    replaces_dense: bool  # False: the dense FFN stays and the plug's output is added to it
+
+    def applies_to(self, stack: str, layer: int, num_layers: int) -> bool: ...
+
+    def make(self, config: "T5Config", stack: str, layer: int, name: str) -> nn.Module: ...
+
+
+class FfnContext(NamedTuple):
+    """Per-example information a plugged FFN may route on."""
+
+    task_ids: Optional[Array]  # int32[batch] or None
+    route_hidden: Optional[Array]  # [batch, embed]: encoder output at position 0 (decoder only)
+    decode: bool  # a key/value cache is in use (being created, or stepped)
+    decode_index: Optional[Array]  # int32 scalar: the position being decoded; None unless stepping
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: Optional[int] = None  # None: same as num_layers
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # "relu" (v1.0) | "gated-gelu" (v1.1, Flan) | "gated-<act>" | "<act>"
+    tie_word_embeddings: bool = True  # the LM head is the shared embedding
+    scale_decoder_outputs: bool = True  # multiply the decoder output by d_model**-0.5 (v1.0)
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    dtype: str = "float32"  # computation dtype
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: bool = False  # rematerialise each block in the backward pass
+    ffn_plug: Optional[Any] = None  # an FfnPlug (e.g. mta.MTAConfig) or None for plain T5
+
+    def __post_init__(self):
+        dtype_of(self.dtype)
+        dtype_of(self.param_dtype)
+        act = self.feed_forward_proj.split("-")[-1]
+        if act not in _ACTIVATIONS or self.feed_forward_proj.count("-") > 1 or (
+            "-" in self.feed_forward_proj and not self.feed_forward_proj.startswith("gated-")
+        ):
+            raise ValueError(
+                f"feed_forward_proj must be '<act>' or 'gated-<act>' with act in "
+                f"{sorted(_ACTIVATIONS)}, got {self.feed_forward_proj!r}"
+            )
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self):
+        act = self.feed_forward_proj.split("-")[-1]
+        # Hugging Face maps "gated-gelu" to the tanh approximation ("gelu_new").
+        if self.feed_forward_proj == "gated-gelu":
+            act = "gelu_new"
+        return _ACTIVATIONS[act]
+
+    def replace(self, **changes) -> "T5Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, config: T5Config):
+    return module.param(
+        name, nn.with_logical_partitioning(init, axes), shape, dtype_of(config.param_dtype)
+    )
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean, statistics in float32."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.config)
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = x32 * lax.rsqrt(var + self.config.layer_norm_epsilon)
+        return (y * scale.astype(jnp.float32)).astype(dtype_of(self.config.dtype))
+
+
+class Embed(nn.Module):
+    config: T5Config
+
+    def setup(self):
+        c = self.config
+        self.embedding = _param(
+            self, "embedding", _normal(1.0), (c.vocab_size, c.d_model), ("vocab", "embed"), c
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(dtype_of(self.config.dtype))
+
+    def attend(self, x: Array) -> Array:
+        """x: [batch, length, embed] -> float32 logits [batch, length, vocab]."""
+        w = self.embedding.astype(x.dtype)
+        return jnp.einsum("ble,ve->blv", x, w, preferred_element_type=jnp.float32)
+
+
+def relative_position_bucket(relative_position: Array, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """Hugging Face's `_relative_position_bucket`, written with the same float32 steps."""
+    buckets = jnp.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        relative_position = jnp.abs(relative_position)
+    else:
+        relative_position = -jnp.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    # The reference divides a float32 tensor by a Python float: float32 arithmetic.
+    scaled = (jnp.log(relative_position.astype(jnp.float32) / max_exact)
+              / np.float32(math.log(max_distance / max_exact))
+              * np.float32(num_buckets - max_exact))
+    if_large = max_exact + scaled.astype(relative_position.dtype)
+    if_large = jnp.minimum(if_large, num_buckets - 1)
+    return buckets + jnp.where(is_small, relative_position, if_large)
+
+
+class RelativePositionBias(nn.Module):
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_length: int) -> Array:
+        """query_positions: int32[q] -> float32 bias [1, heads, q, key_length]."""
+        c = self.config
+        table = _param(
+            self, "rel_embedding", _normal(c.d_model ** -0.5),
+            (c.relative_attention_num_buckets, c.num_heads), ("relpos_buckets", "heads"), c,
+        )
+        rel = jnp.arange(key_length, dtype=jnp.int32)[None, :] - query_positions[:, None]
+        buckets = relative_position_bucket(
+            rel, self.bidirectional, c.relative_attention_num_buckets,
+            c.relative_attention_max_distance,
+        )
+        values = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [q, k, heads]
+        return jnp.transpose(values, (2, 0, 1))[None]
+
+
+class Attention(nn.Module):
+    """Multi-head attention without score scaling; an optional key/value cache."""
+
+    config: T5Config
+    is_cross: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, kv_input: Array, bias: Array, *, deterministic: bool,
+                 decode: bool = False, decode_index: Optional[Array] = None) -> Array:
+        """x: [b, q, embed]; kv_input: [b, k, embed]; bias: float32 [b|1, heads, q, k]."""
+        c = self.config
+        dt = dtype_of(c.dtype)
+        h, d, e = c.num_heads, c.d_kv, c.d_model
+        proj = lambda name, std: _param(self, name, _normal(std), (e, h, d), ("embed", "heads", "kv"), c)
+        wq, wk, wv = proj("query", (e * d) ** -0.5), proj("key", e ** -0.5), proj("value", e ** -0.5)
+        wo = _param(self, "out", _normal((h * d) ** -0.5), (h, d, e), ("heads", "kv", "embed"), c)
+
+        q = jnp.einsum("bqe,ehd->bqhd", x, wq.astype(dt))
+        project_kv = lambda t: (jnp.einsum("bke,ehd->bkhd", t, wk.astype(dt)),
+                                jnp.einsum("bke,ehd->bkhd", t, wv.astype(dt)))
+        if decode and self.is_cross:
+            # Encoder keys/values are computed once, when the cache is created, then reused.
+            kv = self.variable("cache", "cross_kv", lambda: project_kv(kv_input))
+            k, v = kv.value
+        elif decode:
+            k_new, v_new = project_kv(kv_input)
+            initialised = self.has_variable("cache", "cached_key")
+            ck = self.variable("cache", "cached_key", jnp.zeros, k_new.shape, k_new.dtype)
+            cv = self.variable("cache", "cached_value", jnp.zeros, v_new.shape, v_new.dtype)
+            if initialised:
+                start = (0, decode_index, 0, 0)
+                ck.value = lax.dynamic_update_slice(ck.value, k_new, start)
+                cv.value = lax.dynamic_update_slice(cv.value, v_new, start)
+            k, v = ck.value, cv.value
+        else:
+            k, v = project_kv(kv_input)
+
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
+        weights = nn.Dropout(c.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return jnp.einsum("bqhd,hde->bqe", out, wo.astype(dt))
+
+
+class DenseFFN(nn.Module):
+    """T5's feed-forward network: wi (or wi_0, wi_1 when gated) -> act -> dropout -> wo."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool) -> Array:
+        c = self.config
+        dt = dtype_of(c.dtype)
+        w = lambda name: _param(self, name, _normal(c.d_model ** -0.5), (c.d_model, c.d_ff),
+                                ("embed", "mlp"), c).astype(dt)
+        if c.is_gated:
+            hidden = c.activation(x @ w("wi_0")) * (x @ w("wi_1"))
+        else:
+            hidden = c.activation(x @ w("wi"))
+        hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
+        wo = _param(self, "wo", _normal(c.d_ff ** -0.5), (c.d_ff, c.d_model), ("mlp", "embed"), c)
+        return hidden @ wo.astype(dt)
+
+
+class FfnSubLayer(nn.Module):
+    """The FFN sub-layer of one block: dense, plugged, or both (the plug added in parallel)."""
+
+    config: T5Config
+    stack: str
+    layer: int
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: FfnContext, *, deterministic: bool) -> Array:
+        c = self.config
+        plug = c.ffn_plug
+        n = c.num_layers if self.stack == "encoder" else c.n_decoder_layers
+        plugged = plug is not None and plug.applies_to(self.stack, self.layer, n)
+        out = 0.0
+        if not plugged or not plug.replaces_dense:
+            out = DenseFFN(c, name="mlp")(x, deterministic=deterministic)
+        if plugged:
+            module = plug.make(c, self.stack, self.layer, plug.name)
+            out = out + module(x, ctx, deterministic=deterministic)
+        return out
+
+
+class Block(nn.Module):
+    config: T5Config
+    stack: str  # "encoder" | "decoder"
+    layer: int
+
+    @nn.compact
+    def __call__(self, x, self_bias, encoded, cross_bias, ctx: FfnContext, deterministic: bool,
+                 decode: bool):
+        """x: [b, l, embed]; biases: float32 [b|1, heads, q, k]; encoded: [b, s, embed] | None."""
+        c = self.config
+        drop = nn.Dropout(c.dropout_rate)
+        is_dec = self.stack == "decoder"
+        idx = ctx.decode_index
+
+        y = RMSNorm(c, name="pre_self_attention_layer_norm")(x)
+        y = Attention(c, name="self_attention")(y, y, self_bias, deterministic=deterministic,
+                                               decode=decode, decode_index=idx)
+        x = x + drop(y, deterministic=deterministic)
+        if is_dec:
+            y = RMSNorm(c, name="pre_cross_attention_layer_norm")(x)
+            y = Attention(c, is_cross=True, name="encoder_decoder_attention")(
+                y, encoded, cross_bias, deterministic=deterministic, decode=decode)
+            x = x + drop(y, deterministic=deterministic)
+        y = RMSNorm(c, name="pre_mlp_layer_norm")(x)
+        y = FfnSubLayer(c, self.stack, self.layer, name="ffn")(y, ctx, deterministic=deterministic)
+        return x + drop(y, deterministic=deterministic)
+
+
+def _mask_bias(mask: Array) -> Array:
+    """1/0 mask [b, q|1, k] -> additive float32 bias [b, 1, q|1, k], as Hugging Face does."""
+    return ((1.0 - mask.astype(jnp.float32)) * jnp.finfo(jnp.float32).min)[:, None]
+
+
+class Stack(nn.Module):
+    config: T5Config
+    stack: str
+    embed: Embed
+
+    @nn.compact
+    def __call__(self, ids, mask, encoded=None, encoder_mask=None, *, task_ids=None,
+                 deterministic=True, decode=False):
+        """ids: int32[b, l]; mask: [b, l] (1 = token) -> normed hidden [b, l, embed]."""
+        c = self.config
+        is_dec = self.stack == "decoder"
+        n_layers = c.n_decoder_layers if is_dec else c.num_layers
+        length = ids.shape[1]
+        rel = RelativePositionBias(c, bidirectional=not is_dec, name="relpos_bias")
+
+        decode_index = None
+        stepping = False
+        if decode:
+            assert is_dec, "only the decoder decodes incrementally"
+            # The cache is created by one call with a [b, max_length] dummy input; the shape
+            # of `key_positions` then records max_length statically for every later step.
+            stepping = self.has_variable("cache", "index")
+            index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+            key_positions = self.variable(
+                "cache", "key_positions", lambda: jnp.arange(length, dtype=jnp.int32))
+            if stepping:
+                assert length == 1, "incremental decoding feeds one position at a time"
+                decode_index = index.value
+                index.value = decode_index + 1
+
+        if stepping:
+            key_len = key_positions.value.shape[0]
+            bias = rel(decode_index[None], key_len)
+            visible = (jnp.arange(key_len) <= decode_index).astype(jnp.float32)
+            self_bias = bias + _mask_bias(jnp.broadcast_to(visible, (ids.shape[0], 1, key_len)))
+        else:
+            bias = rel(jnp.arange(length, dtype=jnp.int32), length)
+            key_mask = mask[:, None, :].astype(jnp.float32)
+            if is_dec:
+                key_mask = key_mask * jnp.tril(jnp.ones((length, length), jnp.float32))[None]
+            self_bias = bias + _mask_bias(key_mask)
+
+        cross_bias = _mask_bias(encoder_mask[:, None, :]) if is_dec else None
+        route_hidden = encoded[:, 0] if is_dec else None
+        ctx = FfnContext(task_ids, route_hidden, decode, decode_index)
+
+        x = self.embed(ids)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        block_cls = Block
+        if c.remat and not decode:
+            block_cls = nn.remat(Block, static_argnums=(6, 7))
+        for i in range(n_layers):
+            x = block_cls(c, self.stack, i, name=f"layers_{i}")(
+                x, self_bias, encoded, cross_bias, ctx, deterministic, decode)
+        x = RMSNorm(c, name="final_layer_norm")(x)
+        return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder. `__call__` returns float32 logits [batch, target_length, vocab]."""
+
+    config: T5Config
+
+    def setup(self):
+        self.shared = Embed(self.config)
+        self.encoder = Stack(self.config, "encoder", self.shared)
+        self.decoder = Stack(self.config, "decoder", self.shared)
+        if not self.config.tie_word_embeddings:
+            c = self.config
+            self.lm_head = self.param(
+                "lm_head", nn.with_logical_partitioning(_normal(1.0), ("embed", "vocab")),
+                (c.d_model, c.vocab_size), dtype_of(c.param_dtype))
+
+    def __call__(self, input_ids, decoder_input_ids, attention_mask=None,
+                 decoder_attention_mask=None, deterministic=True, task_ids=None):
+        encoded = self.encode(input_ids, attention_mask, task_ids=task_ids,
+                              deterministic=deterministic)
+        return self.decode(encoded, attention_mask, decoder_input_ids, decoder_attention_mask,
+                           task_ids=task_ids, deterministic=deterministic)
+
+    def encode(self, input_ids, attention_mask=None, *, task_ids=None, deterministic=True):
+        """input_ids: int32[b, s] -> encoded [b, s, embed]."""
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        return self.encoder(input_ids, attention_mask, task_ids=task_ids,
+                            deterministic=deterministic)
+
+    def decode(self, encoded, attention_mask, decoder_input_ids, decoder_attention_mask=None, *,
+               task_ids=None, deterministic=True, decode=False):
+        """encoded: [b, s, embed]; decoder_input_ids: int32[b, t] -> float32 [b, t, vocab].
+
+        decode=True uses the 'cache' collection: the first call (no cache yet, t = the maximum
+        length) creates it, every later call feeds one position (t = 1).
+        """
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(encoded.shape[:2], jnp.int32)
+        if decoder_attention_mask is None:
+            decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+        x = self.decoder(decoder_input_ids, decoder_attention_mask, encoded, attention_mask,
+                         task_ids=task_ids, deterministic=deterministic, decode=decode)
+        if c.scale_decoder_outputs:
+            x = x * (c.d_model ** -0.5)
+        if c.tie_word_embeddings:
+            return self.shared.attend(x)
+        w = self.lm_head.astype(x.dtype)
+        return jnp.einsum("ble,ev->blv", x, w, preferred_element_type=jnp.float32)
+
+
+def init_params(model: T5, rng: Array, batch: int = 1, source_length: int = 8,
+                target_length: int = 8) -> Any:
+    """Random parameters (boxed with logical axis names; `nn.unbox` removes the boxes)."""
+    ids = jnp.ones((batch, source_length), jnp.int32)
+    dec = jnp.ones((batch, target_length), jnp.int32)
+    task_ids = jnp.zeros((batch,), jnp.int32)
+    return model.init(rng, ids, dec, task_ids=task_ids)["params"]
