@@ -1,0 +1,19 @@
+"""Multi-task data: sources, tokenisation, mixtures and the resumable input pipeline."""
+from mta_jax.data.config import get_data_config, validate_data_config
+from mta_jax.data.errors import DataError
+from mta_jax.data.eval_set import EvalSet, build_eval_set
+from mta_jax.data.jsonl import read_jsonl
+from mta_jax.data.mixture import epoch_counts, mixture_rates
+from mta_jax.data.pipeline import BatchIterator, TrainPipeline, build_train_pipeline
+from mta_jax.data.registry import METRIC_BY_TYPE, TASK_TYPES, TASKS, Task, TfdsSource, get_task
+from mta_jax.data.report import DataReport
+from mta_jax.data.synthetic import synthetic_examples
+from mta_jax.data.tokenize import get_tokenizer, resolve_start_token_id
+
+__all__ = [
+    "BatchIterator", "DataError", "DataReport", "EvalSet", "METRIC_BY_TYPE", "TASKS",
+    "TASK_TYPES", "Task", "TfdsSource", "TrainPipeline", "build_eval_set",
+    "build_train_pipeline", "epoch_counts", "get_data_config", "get_task", "get_tokenizer",
+    "mixture_rates", "read_jsonl", "resolve_start_token_id", "synthetic_examples",
+    "validate_data_config",
+]

@@ -96,6 +96,8 @@ class T5Config:
                 f"feed_forward_proj must be '<act>' or 'gated-<act>' with act in "
                 f"{sorted(_ACTIVATIONS)}, got {self.feed_forward_proj!r}"
             )
+        if self.ffn_plug is not None and hasattr(self.ffn_plug, "validate"):
+            self.ffn_plug.validate(self)  # e.g. MTA block indices against the stack depths
 
     @property
     def n_decoder_layers(self) -> int:

@@ -1,0 +1,216 @@
+"""The MTA block: released initialisation, equivalences, top-k, gradients, conversion, errors."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mta_jax import load_hf_t5
+from mta_jax.models import mta as M
+from mta_jax.models.t5 import T5, T5Config, init_params
+from tests.conftest import make_hf_t5
+
+TINY = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
+                dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                scale_decoder_outputs=False)
+
+
+def _inputs(b=4, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(2, 64, (b, 9)))
+    dec = jnp.asarray(rng.integers(2, 64, (b, 6)))
+    return ids, dec, jnp.asarray(rng.integers(0, 5, (b,)), jnp.int32)
+
+
+def _model(**mta):
+    plug = M.MTAConfig(**{"encoder_layers": "last", "decoder_layers": "last", **mta})
+    model = T5(TINY.replace(ffn_plug=plug))
+    return model, flax.core.unfreeze(jax.tree_util.tree_map(
+        np.asarray, flax.linen.unbox(init_params(model, jax.random.PRNGKey(0), batch=4))))
+
+
+def test_released_initial_logits_and_weights():
+    cfg = M.MTAConfig()
+    table = cfg.initial_logits()
+    np.testing.assert_allclose(table[0], [0.22, 0.22, 0.2, 0.2, 0.2], atol=1e-7)  # classify
+    np.testing.assert_allclose(table[3], [0.2, 0.2, 0.2, 0.22, 0.22], atol=1e-7)  # generate
+    np.testing.assert_allclose(table[4], [0.22, 0.2, 0.2, 0.2, 0.22], atol=1e-7)
+    w = np.asarray(jax.nn.softmax(table / cfg.temperature, axis=-1))
+    # Softmax-T at T = 0.1: e^0.2 / (2 e^0.2 + 3) for a task's own adapters.
+    own = np.exp(0.2) / (2 * np.exp(0.2) + 3)
+    np.testing.assert_allclose(w[0], [own, own] + [(1 - 2 * own) / 3] * 3, rtol=1e-6)
+    model, params = _model()
+    np.testing.assert_array_equal(params["encoder"]["layers_1"]["ffn"]["mta"]["selector"]["logits"], table)
+
+
+def test_ffn_copies_equal_plain_t5_whatever_the_weights(tmp_path):
+    make_hf_t5(tmp_path, "v1_0")
+    plain, p0 = load_hf_t5(str(tmp_path))
+    plug = M.MTAConfig(encoder_layers="all", decoder_layers=(-1,))
+    mta, p1 = load_hf_t5(str(tmp_path), ffn_plug=plug)
+    # Random selector logits: any convex combination of identical adapters is the FFN.
+    for stack, layers in (("encoder", (0, 1)), ("decoder", (1,))):
+        for i in layers:
+            sel = p1[stack][f"layers_{i}"]["ffn"]["mta"]["selector"]
+            sel["logits"] = jax.random.normal(jax.random.PRNGKey(i), sel["logits"].shape)
+    ids, dec, task_ids = _inputs()
+    ids = ids % 96
+    a = mta.apply({"params": p1}, ids, dec, task_ids=task_ids)
+    b = plain.apply({"params": p0}, ids, dec)
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
+
+
+def test_bottleneck_adapters_start_as_exact_noop(tmp_path):
+    make_hf_t5(tmp_path, "v1_1_hf5")
+    plain, p0 = load_hf_t5(str(tmp_path))
+    mta, p1 = load_hf_t5(str(tmp_path), ffn_plug=M.MTAConfig(
+        adapter_kind="bottleneck", adapter_dim=6, encoder_layers="all", decoder_layers="all"))
+    assert p1["decoder"]["layers_0"]["ffn"]["mta"]["adapters"]["wo"].shape == (5, 6, 32)
+    assert "mlp" in p1["decoder"]["layers_0"]["ffn"]  # the pretrained FFN stays
+    ids, dec, task_ids = _inputs()
+    np.testing.assert_array_equal(mta.apply({"params": p1}, ids, dec, task_ids=task_ids),
+                                  plain.apply({"params": p0}, ids, dec))
+
+
+def _loop_reference(x, p, weights, act, gated):
+    """The authors' formulation: a Python loop over examples and adapters."""
+    out = np.zeros_like(x)
+    for b in range(x.shape[0]):
+        for e in range(weights.shape[1]):
+            if gated:
+                h = act(x[b] @ p["wi_0"][e]) * (x[b] @ p["wi_1"][e])
+            else:
+                h = act(x[b] @ p["wi"][e])
+            out[b] += weights[b, e] * (h @ p["wo"][e])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ffn", "bottleneck"])
+def test_einsum_adapters_equal_a_reference_loop(kind):
+    cfg = TINY.replace(feed_forward_proj="relu" if kind == "bottleneck" else "gated-gelu")
+    plug = M.MTAConfig(adapter_kind=kind, adapter_dim=5)
+    module = M.Adapters(cfg, plug, 5)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 16))
+    params = flax.linen.unbox(module.init(jax.random.PRNGKey(1), x, None, deterministic=True))
+    params = jax.tree_util.tree_map(lambda v: v + 0.1, params)  # non-zero bottleneck output
+    w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(2), (3, 5)), axis=-1)
+    ours = module.apply(params, x, w, deterministic=True)
+    act = (lambda v: np.asarray(jax.nn.gelu(v, approximate=True))) if kind == "ffn" else (
+        lambda v: np.maximum(v, 0))
+    ref = _loop_reference(np.asarray(x), jax.tree_util.tree_map(np.asarray, params["params"]),
+                          np.asarray(w), act, gated=kind == "ffn")
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+    every = module.apply(params, x, None, deterministic=True)  # [b, l, n, e]
+    np.testing.assert_allclose(np.einsum("blne,bn->ble", every, w), ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_top_k_under_jit_zeroes_exactly_n_minus_k(k):
+    model, params = _model(top_k=k, num_shared_adapters=1)
+    ids, dec, task_ids = _inputs(b=6)
+    step = jax.jit(lambda p, t: model.apply({"params": p}, ids, dec, task_ids=t, mutable=["router"]))
+    _, state = step(params, task_ids)
+    for stack in ("encoder", "decoder"):
+        r = state["router"][stack]["layers_1"]["ffn"]["mta"]
+        w = np.asarray(r["adapter_weights"][0])
+        assert w.shape == (6, 5)
+        assert ((w == 0).sum(axis=1) == 5 - k).all()
+        gate = np.asarray(r["gate_weights"][0])
+        np.testing.assert_allclose(gate.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_renormalised_top_k_sums_to_one():
+    w = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (4, 5)), axis=-1)
+    kept = M.top_k_weights(w, 2, renormalize=True)
+    np.testing.assert_allclose(np.asarray(kept.sum(-1)), 1.0, rtol=1e-6)
+    raw = M.top_k_weights(w, 2, renormalize=False)
+    assert float(raw.sum(-1).max()) < 1.0
+    top2 = np.sort(np.asarray(w), axis=1)[:, -2:]
+    np.testing.assert_allclose(np.sort(np.asarray(raw), axis=1)[:, -2:], top2)
+
+
+def test_gradients_reach_only_selected_adapters():
+    model, params = _model(top_k=2)
+    ids, dec, _ = _inputs(b=2)
+    task_ids = jnp.array([3, 3], jnp.int32)  # generate: adapters 3 and 4 win at init
+
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, ids, dec, task_ids=task_ids) ** 2)
+
+    grads = jax.grad(loss)(params)
+    for stack in ("encoder", "decoder"):
+        g = grads[stack]["layers_1"]["ffn"]["mta"]["adapters"]
+        for name in ("wi_0", "wi_1", "wo"):
+            norms = np.abs(np.asarray(g[name])).reshape(5, -1).sum(axis=1)
+            assert (norms[[0, 1, 2]] == 0).all() and (norms[[3, 4]] > 0).all(), (stack, name, norms)
+
+
+def test_stage_one_to_stage_two_keeps_leaves_bitwise():
+    model1, p1 = _model()
+    s2 = M.stage_two_config(model1.config.ffn_plug, top_k=2, num_shared_adapters=2)
+    model2 = T5(model1.config.replace(ffn_plug=s2))
+    p2 = M.stage_two_params(p1, model2, jax.random.PRNGKey(3))
+    f1, f2 = (flax.traverse_util.flatten_dict(p) for p in (p1, p2))
+    for key, value in f1.items():
+        np.testing.assert_array_equal(np.asarray(f2[key]), value)
+        assert np.asarray(f2[key]).dtype == value.dtype
+    new = sorted("/".join(k) for k in f2 if k not in f1)
+    assert new and all("mta" in k and ("shared_adapters" in k or "gate" in k) for k in new)
+    shared = f2[("encoder", "layers_1", "ffn", "mta", "shared_adapters", "wo")]
+    assert shared.shape == (2, 24, 16)
+    np.testing.assert_allclose(shared[0], f1[("encoder", "layers_1", "ffn", "mta", "adapters", "wo")].mean(0),
+                               rtol=1e-6)
+    ids, dec, task_ids = _inputs()
+    assert np.isfinite(np.asarray(model2.apply({"params": p2}, ids, dec, task_ids=task_ids))).all()
+
+
+def test_every_mta_parameter_lives_under_an_mta_module():
+    model, params = _model(top_k=2, num_shared_adapters=1)
+    flat = flax.traverse_util.flatten_dict(params)
+    plain = flax.traverse_util.flatten_dict(flax.linen.unbox(
+        init_params(T5(TINY), jax.random.PRNGKey(0))))
+    extra = [k for k in flat if k not in plain]
+    assert extra and all("mta" in k for k in extra)
+
+
+def test_start_token_selector_routes_without_task_ids_and_sows_aux_loss():
+    model, params = _model(selector="start_token")
+    ids, dec, task_ids = _inputs()
+    logits = model.apply({"params": params}, ids, dec)  # no task ids needed
+    assert logits.shape == (4, 6, 64)
+    _, state = model.apply({"params": params}, ids, dec, task_ids=task_ids, mutable=["losses"])
+    aux = jax.tree_util.tree_leaves(state["losses"])
+    # Near-uniform routing at init: -log(2/5) for a task's two own adapters.
+    assert len(aux) == 2 and all(abs(float(a) - np.log(5 / 2)) < 0.05 for a in aux)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(top_k=0), "mta.top_k"), (dict(top_k=6), "mta.top_k"),
+    (dict(temperature=0.0), "mta.temperature"), (dict(adapter_dim=0), "mta.adapter_dim"),
+    (dict(num_adapters=0), "mta.num_adapters"), (dict(selector="router"), "mta.selector"),
+    (dict(adapter_kind="lora"), "mta.adapter_kind"), (dict(encoder_layers="first"), "mta.encoder_layers"),
+])
+def test_bad_settings_name_the_field(changes, field):
+    with pytest.raises(M.MTAConfigError, match=field.replace(".", r"\.")):
+        M.MTAConfig(**changes)
+
+
+def test_layer_outside_the_stack_fails_at_model_build():
+    with pytest.raises(M.MTAConfigError, match=r"mta\.decoder_layers must be block indices in \[-2, 1\]"):
+        TINY.replace(ffn_plug=M.MTAConfig(encoder_layers=(0,), decoder_layers=(11,)))
+
+
+def test_task_ids_missing_unknown_or_out_of_range():
+    model, params = _model()
+    ids, dec, _ = _inputs()
+    with pytest.raises(M.MTAConfigError, match="task_ids .* is required"):
+        model.apply({"params": params}, ids, dec)
+    with pytest.raises(M.MTAConfigError, match=r"unknown task type 'summarize'; mta.task_types are"):
+        M.MTAConfig().task_id("summarize")
+    with pytest.raises(M.MTAConfigError, match=r"task_ids must lie in \[0, 4\].*\[7\]"):
+        M.check_task_ids(np.array([0, 7]), M.MTAConfig())
+    # Inside jit an out-of-range id cannot raise: it poisons the output instead of clamping.
+    # (params as an argument, as in training: a closed-over constant table is constant-folded)
+    out = jax.jit(lambda p, t: model.apply({"params": p}, ids, dec, task_ids=t))(
+        params, jnp.array([0, 9, 1, 2], jnp.int32))
+    assert np.isnan(np.asarray(out[1])).all() and np.isfinite(np.asarray(out[0])).all()
