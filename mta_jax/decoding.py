@@ -21,7 +21,7 @@ Output tokens are the generated positions only (no start token): EOS included, p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,27 +67,29 @@ def _step(model: T5, params, cache, encoded, attention_mask, task_ids, tokens):
     return logits[:, 0], variables["cache"]
 
 
-def _beam_reordered_leaves(model: T5, params, encoded, attention_mask, task_ids,
+def _beam_reordered_leaves(cache, model: T5, params, encoded, attention_mask, task_ids,
                            max_length: int):
-    """A bool pytree shaped like the cache: True where a leaf must follow its beam.
+    """A bool pytree shaped like `cache` (batch n): True where a leaf must follow its beam.
 
     A leaf follows its beam when its leading axis is the batch. That is read off by creating
-    the cache abstractly for two batch sizes: a leading dim that tracks the batch is the
-    batch, while one that merely equals it (an index over max_length positions) is not.
+    the cache abstractly for n + 1 rows: a leading dim that tracks the batch is the batch,
+    while one that merely equals n (e.g. an index over max_length positions) is not.
     """
     n = encoded.shape[0]
 
-    def shapes(batch):
-        like = lambda x: None if x is None else jax.ShapeDtypeStruct((batch,) + x.shape[1:], x.dtype)
-        create = lambda e, m, t: _create_cache(model, params, e, m, t, max_length)
-        return jax.eval_shape(create, like(encoded), like(attention_mask), like(task_ids))
+    def one_more_row(x):
+        return None if x is None else jax.ShapeDtypeStruct((n + 1,) + x.shape[1:], x.dtype)
 
-    def follows(path, a, b):
+    create = lambda e, m, t: _create_cache(model, params, e, m, t, max_length)
+    bigger = jax.eval_shape(create, one_more_row(encoded), one_more_row(attention_mask),
+                            one_more_row(task_ids))
+
+    def follows(path, leaf, bigger_leaf):
         if any(getattr(key, "key", None) in _SAME_FOR_ALL_BEAMS for key in path):
             return False
-        return a.ndim > 0 and a.shape[0] == n and b.shape[0] == n + 1
+        return leaf.ndim > 0 and leaf.shape[0] == n and bigger_leaf.shape[0] == n + 1
 
-    return jax.tree_util.tree_map_with_path(follows, shapes(n), shapes(n + 1))
+    return jax.tree_util.tree_map_with_path(follows, cache, bigger)
 
 
 def _prepare(input_ids, attention_mask, task_ids):
@@ -101,7 +103,8 @@ def _prepare(input_ids, attention_mask, task_ids):
 
 # --------------------------------------------------------------------------- greedy
 
-def _greedy(model: T5, params, input_ids, attention_mask, task_ids, *, max_length: int) -> Array:
+def _greedy(model: T5, params, input_ids, attention_mask, task_ids=None, *,
+            max_length: int) -> Array:
     """input_ids: int32[b, s] -> int32[b, max_length]."""
     c = model.config
     input_ids, attention_mask, task_ids = _prepare(input_ids, attention_mask, task_ids)
@@ -140,8 +143,8 @@ class _Beams(NamedTuple):
     cache: Any  # the model's cache, batch b * k (example-major)
 
 
-def _beam_search(model: T5, params, input_ids, attention_mask, task_ids, *, max_length: int,
-                 beam_size: int, length_penalty: float) -> tuple[Array, Array]:
+def _beam_search(model: T5, params, input_ids, attention_mask, task_ids=None, *,
+                 max_length: int, beam_size: int, length_penalty: float) -> tuple[Array, Array]:
     """input_ids: int32[b, s] -> (tokens int32[b, max_length], scores float32[b])."""
     c = model.config
     k, L, alpha = beam_size, max_length, length_penalty
@@ -155,7 +158,8 @@ def _beam_search(model: T5, params, input_ids, attention_mask, task_ids, *, max_
     repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)  # [b, ...] -> [b*k, ...]
     encoded, attention_mask, task_ids = repeat(encoded), repeat(attention_mask), repeat(task_ids)
     cache = _create_cache(model, params, encoded, attention_mask, task_ids, L)
-    reordered = _beam_reordered_leaves(model, params, encoded, attention_mask, task_ids, L)
+    reordered = _beam_reordered_leaves(cache, model, params, encoded, attention_mask, task_ids,
+                                       L)
 
     def keep_going(s: _Beams):
         return (s.step < L) & jnp.any(s.improvable) & ~s.all_ended
@@ -205,9 +209,11 @@ def _beam_search(model: T5, params, input_ids, attention_mask, task_ids, *, max_
 
     pad = jnp.full((b, k, L), c.pad_token_id, jnp.int32)
     # Only beam 0 starts live, so that the first step does not pick k copies of one token.
-    live_logp = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, _NEG), (b, k)).astype(jnp.float32)
-    init = _Beams(jnp.array(0, jnp.int32), pad, live_logp, pad, jnp.full((b, k), _NEG, jnp.float32),
-                  jnp.zeros((b, k), bool), jnp.ones((b,), bool), jnp.array(False), cache)
+    live_logp = jnp.where(jnp.arange(k) == 0, 0.0, _NEG).astype(jnp.float32)
+    live_logp = jnp.broadcast_to(live_logp, (b, k))
+    init = _Beams(jnp.array(0, jnp.int32), pad, live_logp, pad,
+                  jnp.full((b, k), _NEG, jnp.float32), jnp.zeros((b, k), bool),
+                  jnp.ones((b,), bool), jnp.array(False), cache)
     final = lax.while_loop(keep_going, one_position, init)
     # The last step ends every candidate, so slot 0 always holds a finished hypothesis.
     return final.done[:, 0], final.done_scores[:, 0]
@@ -254,7 +260,7 @@ def beam_search(model: T5, params, input_ids, attention_mask=None, *,
 
 def make_decoder(model: T5, *, method: str = "beam", max_length: int, beam_size: int = 4,
                  length_penalty: float = 0.6) -> Callable[..., Array]:
-    """A jitted `(params, input_ids, attention_mask, task_ids) -> tokens int32[b, max_length]`.
+    """A jitted (params, input_ids, attention_mask, task_ids=None) -> tokens int32[b, max_length].
 
     Everything but the arrays is closed over, so the function compiles once per input shape
     and is reused by every evaluation.
@@ -265,15 +271,15 @@ def make_decoder(model: T5, *, method: str = "beam", max_length: int, beam_size:
     elif method == "beam":
         search = functools.partial(_beam_search, model, max_length=max_length,
                                    beam_size=beam_size, length_penalty=float(length_penalty))
-        fn = lambda *args: search(*args)[0]
+        fn = lambda *args, **kwargs: search(*args, **kwargs)[0]
     else:
         raise ValueError(f"decoding method must be 'beam' or 'greedy', got {method!r}")
     return jax.jit(fn)
 
 
 def decode_texts(tokens, tokenizer, eos_token_id: Optional[int] = None) -> list[str]:
-    """tokens: int[b, length] from a search -> b strings: cut after the first EOS, special
-    tokens (pad, EOS, sentinels) skipped."""
+    """tokens: int[b, length] from a search -> b strings, each cut at its first EOS and
+    decoded without special tokens (pad, EOS)."""
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     texts = []
     for row in np.asarray(tokens):

@@ -1,4 +1,15 @@
-"""Multi-task data: sources, tokenisation, mixtures and the resumable input pipeline."""
+"""Multi-task data: sources, tokenisation, mixtures and the resumable input pipeline.
+
+Sources (config.data.source): the embedded synthetic mixture, the authors' JSON
+lines, or registered tensorflow-datasets tasks (`TASKS`). A batch is a dict of
+int32 numpy arrays with static shapes (B rows, S = max_source_length,
+T = max_target_length):
+  input_ids, attention_mask          [B, S]  (mask 1 = token)
+  decoder_input_ids                  [B, T]  labels shifted right behind the pad id
+  labels, decoder_attention_mask     [B, T]  EOS-terminated; mask 1 = a real label
+  task_ids                           [B]     index into the run's task types
+  example_mask (eval batches only)   [B]     0 for rows that only fill the last batch
+"""
 from mta_jax.data.config import get_data_config, validate_data_config
 from mta_jax.data.errors import DataError
 from mta_jax.data.eval_set import EvalSet, build_eval_set

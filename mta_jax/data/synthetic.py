@@ -4,11 +4,11 @@ Every task reads the same surface form, a short phrase of words from one small
 lexicon of antonym pairs, behind a task prefix; the tasks then demand
 conflicting word-level mappings from it, the case MTA is for:
   polarity (classify):  "polarity: hot tiny up"        -> "positive"  (majority polarity)
-  relation (nli):       "relation: hot tiny up ; cold" -> "contradiction" (two inputs)
-  lookup   (mrc):       "lookup: hot tiny up ; 2"      -> "tiny"      (a word maps to itself)
+  relation (nli):       "relation: hot tiny ; cold"    -> "contradiction" (two inputs)
+  lookup   (mrc):       "lookup: hot tiny up ; t"      -> "tiny"      (a word maps to itself)
   opposite (generate):  "opposite: hot tiny up"        -> "cold big down" (... to its antonym)
 A shared FFN must map "hot" to itself, to "cold" and to a polarity at once.
-Inputs are at most 31 bytes and targets at most 14, so byte-level sequences stay
+Inputs are at most 26 bytes and targets at most 14, so byte-level sequences stay
 small; a tiny ByT5-vocabulary model learns the rules in a few hundred steps.
 Train and eval inputs are disjoint (a stable hash of the input picks its split),
 so eval scores measure the rules learnt, not memorised phrases.
@@ -60,12 +60,13 @@ def _polarity(rng: np.random.Generator) -> tuple[str, str, tuple[str, ...]]:
 
 
 def _relation(rng: np.random.Generator) -> tuple[str, str, tuple[str, ...]]:
-  words = _phrase(rng, 3)
+  # Two premise words: three made the rule too slow to learn for a tiny model.
+  words = _phrase(rng, 2)
   label = NLI_LABELS[rng.integers(3)]
   if label == "entailment":
-    hypothesis = words[rng.integers(3)]
+    hypothesis = words[rng.integers(2)]
   elif label == "contradiction":
-    hypothesis = OPPOSITE[words[rng.integers(3)]]
+    hypothesis = OPPOSITE[words[rng.integers(2)]]
   else:
     unused = [p for p in ANTONYMS if p[0] not in words and p[1] not in words]
     hypothesis = unused[rng.integers(len(unused))][rng.integers(2)]
@@ -73,9 +74,12 @@ def _relation(rng: np.random.Generator) -> tuple[str, str, tuple[str, ...]]:
 
 
 def _lookup(rng: np.random.Generator) -> tuple[str, str, tuple[str, ...]]:
+  """Extract the word with the asked first letter: a span of the input, as in MRC."""
   words = _phrase(rng, int(rng.integers(2, 4)))
-  position = int(rng.integers(len(words)))
-  return f"lookup: {' '.join(words)} ; {position + 1}", words[position], ()
+  while len({w[0] for w in words}) < len(words):  # the letter must name one word
+    words = _phrase(rng, len(words))
+  answer = words[int(rng.integers(len(words)))]
+  return f"lookup: {' '.join(words)} ; {answer[0]}", answer, ()
 
 
 def _opposite(rng: np.random.Generator) -> tuple[str, str, tuple[str, ...]]:

@@ -46,6 +46,7 @@ class MTAConfig:
     num_shared_adapters: int = 0  # stage two: adapters every task uses, mixed in by the gate
     gate_hidden_dim: int = 128
     task_types: tuple[str, ...] = TASK_TYPES
+    selector_loss_weight: float = 0.0  # start_token: weight of the task-type loss on the selector
     name: str = "mta"  # module name; every MTA parameter lives under it
 
     def __post_init__(self):
@@ -246,9 +247,12 @@ class MTABlock(nn.Module):
         weights = jax.nn.softmax(logits / m.temperature, axis=-1)
         self.sow("router", "selector_weights", weights)
         if m.selector == "start_token" and ctx.task_ids is not None:
+            # The biased initialisation's spirit: task t should route to its own {t, t+1}.
             own = jnp.asarray(m.initial_logits() > m.init_base, jnp.float32)[ctx.task_ids]
             aux = -jnp.mean(jnp.log(jnp.sum(weights * own, axis=-1) + 1e-9))
-            self.sow("losses", "selector_task_loss", aux)
+            self.sow("router", "selector_task_loss", aux)
+            # Sown already weighted: the train step adds every leaf of 'losses' to the loss.
+            self.sow("losses", "selector_task_loss", m.selector_loss_weight * aux)
         if m.top_k is not None:
             weights = top_k_weights(weights, m.top_k, m.renormalize)
         self.sow("router", "adapter_weights", weights)

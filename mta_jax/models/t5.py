@@ -391,8 +391,10 @@ class T5(nn.Module):
         self.decoder = Stack(self.config, "decoder", self.shared)
         if not self.config.tie_word_embeddings:
             c = self.config
+            # Hugging Face initialises the head with std 1; with no output scaling that gives
+            # logits of std sqrt(d_model) and a loss far above log(vocab) for random models.
             self.lm_head = self.param(
-                "lm_head", nn.with_logical_partitioning(_normal(1.0), ("embed", "vocab")),
+                "lm_head", nn.with_logical_partitioning(_normal(c.d_model ** -0.5), ("embed", "vocab")),
                 (c.d_model, c.vocab_size), dtype_of(c.param_dtype))
 
     def __call__(self, input_ids, decoder_input_ids, attention_mask=None,

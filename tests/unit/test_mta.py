@@ -178,8 +178,9 @@ def test_start_token_selector_routes_without_task_ids_and_sows_aux_loss():
     ids, dec, task_ids = _inputs()
     logits = model.apply({"params": params}, ids, dec)  # no task ids needed
     assert logits.shape == (4, 6, 64)
-    _, state = model.apply({"params": params}, ids, dec, task_ids=task_ids, mutable=["losses"])
-    aux = jax.tree_util.tree_leaves(state["losses"])
+    _, state = model.apply({"params": params}, ids, dec, task_ids=task_ids, mutable=["router"])
+    flat = flax.traverse_util.flatten_dict(state["router"])
+    aux = [v[0] for k, v in flat.items() if k[-1] == "selector_task_loss"]
     # Near-uniform routing at init: -log(2/5) for a task's two own adapters.
     assert len(aux) == 2 and all(abs(float(a) - np.log(5 / 2)) < 0.05 for a in aux)
 

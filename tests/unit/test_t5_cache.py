@@ -57,18 +57,18 @@ def test_cached_steps_equal_full_forward(shape):
     ids, mask, dec, task_ids = _inputs(config)
 
     # Jitted, because compiling once is faster than running a Flax model op by op.
-    full = jax.jit(model.apply)({"params": params}, ids, dec, mask, task_ids=task_ids)  # [b, t, vocab]
-
     @jax.jit
-    def create(params):  # -> encoded [b, s, embed], a cache for MAX_LENGTH positions
+    def prepare(params):
+        """-> full-pass logits [b, t, vocab], encoded [b, s, embed], a MAX_LENGTH cache."""
+        full = model.apply({"params": params}, ids, dec, mask, task_ids=task_ids)
         encoded = model.apply({"params": params}, ids, mask, task_ids=task_ids,
                               method=model.encode)
         _, created = model.apply({"params": params}, encoded, mask,
                                  jnp.zeros((2, MAX_LENGTH), jnp.int32), task_ids=task_ids,
                                  decode=True, method=model.decode, mutable=["cache"])
-        return encoded, created["cache"]
+        return full, encoded, created["cache"]
 
-    encoded, cache = create(params)
+    full, encoded, cache = prepare(params)
     # The protocol the searches rely on: a scalar index, max_length recorded statically.
     assert int(cache["decoder"]["index"]) == 0
     assert cache["decoder"]["key_positions"].shape == (MAX_LENGTH,)

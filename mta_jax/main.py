@@ -1,0 +1,64 @@
+"""Entry point: `python -m mta_jax.main --config=configs/demo.py --workdir=/tmp/mta_demo`.
+
+Every config field can be overridden on the command line, e.g. `--config.mta.top_k=1`.
+A user error (config, paths, data, checkpoints) exits 1 with one line `error: ...`;
+SIGTERM saves a checkpoint and exits 0, and the same command resumes.
+"""
+import logging as std_logging
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def user_errors() -> tuple:
+    """Exception types that mean 'the user asked for something impossible', not a bug."""
+    from mta_jax import checkpoint, data, hf, sharding, train
+    from mta_jax.models import mta
+    return (train.ConfigError, data.DataError, hf.CheckpointFormatError, mta.MTAConfigError,
+            checkpoint.CheckpointError, sharding.ShardingError)
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the rest."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_libraries() -> None:
+    std_logging.getLogger("absl").addFilter(_QuietLibraries())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    quiet_libraries()
+    from mta_jax import train
+    try:
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except train.Preempted:
+        logging.warning("preempted: checkpoint saved; rerun the same command to resume")
+        return 0
+    except train.TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run():
+    # A bad --config file or override is a user error too: absl prints it without a traceback.
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()
