@@ -32,6 +32,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 42  # parameter init, dropout and data order
     config.stages = ("stage1", "stage2")  # stages to run, in order
+    config.variant = "mta"  # FFN variant: mta | dense | shared_adapter | switch_moe | task_moe
     config.init_from = "t5-base"  # Hugging Face folder or hub name; "" = random init from config.model
 
     m = config.model = ml_collections.ConfigDict()  # used when init_from is "" (random init)
@@ -68,6 +69,16 @@ def get_config():
     t.gate_hidden_dim = 128  # stage two: hidden width of the gate network
     t.task_types = ("classify", "nli", "mrc", "generate", "anaphora_resolution")  # selector rows
     t.selector_loss_weight = 0.0  # start_token: weight of the task-type loss on the selector
+
+    # Baseline variants (models/variants.py); they sit in the mta.*_layers blocks.
+    o = config.moe = ml_collections.ConfigDict()
+    o.num_experts = 5  # switch_moe: FFN experts per MoE block (task_moe: one per mta.task_types)
+    o.capacity_factor = 1.25  # switch_moe: expert slots = ceil(factor * sequence tokens / experts), training
+    o.eval_capacity_factor = 2.0  # switch_moe: the same factor at evaluation (deterministic)
+    o.load_balance_weight = 0.01  # switch_moe: weight of the load-balancing loss (1.0 when balanced)
+    o.z_loss_weight = 0.001  # switch_moe: weight of the router z-loss (mean squared logsumexp)
+    o.router_init_std = 0.02  # switch_moe: std of the router kernel's normal initialisation
+    o.adapter_dim = 384  # shared_adapter: bottleneck width of the one shared adapter
 
     config.stage1 = stage_config(num_train_steps=10000, learning_rate=1e-4, trainable=".*")
     config.stage2 = stage_config(num_train_steps=5000, learning_rate=1e-4, trainable="mta")

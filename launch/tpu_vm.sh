@@ -21,12 +21,16 @@ Options (each also read from the environment variable in brackets):
   --zone ZONE        GCP zone                             [TPU_ZONE, default us-central2-b]
   --type TYPE        accelerator type, e.g. v4-8, v4-32, v5litepod-8, v6e-8
                                                           [TPU_TYPE, default v4-8]
-  --version VER      TPU software version                 [TPU_VERSION, default tpu-ubuntu2204-base]
+  --version VER      TPU software version                 [TPU_VERSION, default by type:
+                     v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
+                     v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e]
   --project PROJECT  GCP project                          [TPU_PROJECT, default: gcloud's]
   --spot             create a Spot (preemptible) slice    [TPU_SPOT=1]
   --config PATH      config file, relative to the repo    [CONFIG, default configs/default.py]
   --workdir DIR      run directory; a gs:// bucket path when the slice has several hosts
                                                           [WORKDIR, default ~/mta_runs/NAME]
+  --python VER       Python for the workers' venv (~/mta-venv, made with uv)
+                                                          [TPU_PYTHON, default 3.12]
   --detach           `run` keeps training after ssh exits (nohup; log in ~/mta-jax/train.log)
   --yes              `delete` without asking
   --dry-run          print the gcloud commands instead of running them
@@ -49,7 +53,8 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="${TPU_NAME:-mta-jax}"
 ZONE="${TPU_ZONE:-us-central2-b}"
 TYPE="${TPU_TYPE:-v4-8}"
-VERSION="${TPU_VERSION:-tpu-ubuntu2204-base}"
+VERSION="${TPU_VERSION:-}"
+PYTHON_VERSION="${TPU_PYTHON:-3.12}"
 PROJECT="${TPU_PROJECT:-}"
 SPOT="${TPU_SPOT:-0}"
 CONFIG="${CONFIG:-configs/default.py}"
@@ -58,6 +63,7 @@ DETACH=0
 YES=0
 DRY_RUN=0
 REMOTE_DIR='~/mta-jax'
+REMOTE_VENV='~/mta-venv'
 
 [[ $# -gt 0 ]] || { usage; exit 2; }
 case "$1" in
@@ -73,6 +79,7 @@ while [[ $# -gt 0 ]]; do
     --zone) ZONE="${2:?--zone needs a value}"; shift 2 ;;
     --type) TYPE="${2:?--type needs a value}"; shift 2 ;;
     --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
+    --python) PYTHON_VERSION="${2:?--python needs a value}"; shift 2 ;;
     --project) PROJECT="${2:?--project needs a value}"; shift 2 ;;
     --config) CONFIG="${2:?--config needs a value}"; shift 2 ;;
     --workdir) WORKDIR="${2:?--workdir needs a value}"; shift 2 ;;
@@ -85,10 +92,25 @@ while [[ $# -gt 0 ]]; do
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
-WORKDIR="${WORKDIR:-\$HOME/mta_runs/${NAME}}"
+[[ "$NAME" =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+  die "--name '$NAME' must be lower-case letters, digits and dashes, starting with a letter"
+if [[ -z "$VERSION" ]]; then
+  case "$TYPE" in
+    v5litepod-*|v5e-*) VERSION=v2-alpha-tpuv5-lite ;;
+    v5p-*) VERSION=v2-alpha-tpuv5 ;;
+    v6e-*) VERSION=v2-alpha-tpuv6e ;;
+    *) VERSION=tpu-ubuntu2204-base ;;
+  esac
+fi
+# The remote shell expands the default; a given workdir is passed through quoted.
+if [[ -z "$WORKDIR" ]]; then
+  WORKDIR_ARG="\$HOME/mta_runs/$NAME"
+else
+  WORKDIR_ARG="$(printf '%q' "$WORKDIR")"
+fi
 
 GCLOUD_FLAGS=(--zone="$ZONE")
-[[ -n "$PROJECT" ]] && GCLOUD_FLAGS+=(--project="$PROJECT")
+if [[ -n "$PROJECT" ]]; then GCLOUD_FLAGS+=(--project="$PROJECT"); fi
 
 # Runs (or, with --dry-run, prints) one command.
 run_cmd() {
@@ -110,9 +132,10 @@ on_all_workers() {  # on_all_workers 'remote bash command'
 
 cmd_create() {
   local spot=()
-  [[ "$SPOT" == 1 ]] && spot=(--spot)
+  if [[ "$SPOT" == 1 ]]; then spot=(--spot); fi
+  # ${a[@]+"${a[@]}"}: an empty array under `set -u` in bash 3.2 (macOS) too.
   run_cmd gcloud compute tpus tpu-vm create "$NAME" "${GCLOUD_FLAGS[@]}" \
-    --accelerator-type="$TYPE" --version="$VERSION" "${spot[@]}"
+    --accelerator-type="$TYPE" --version="$VERSION" ${spot[@]+"${spot[@]}"}
 }
 
 cmd_setup() {
@@ -121,28 +144,33 @@ cmd_setup() {
   # The working tree without git history, virtual environments or caches.
   run_cmd tar -C "$REPO_ROOT" -czf "$tarball" --exclude=.git --exclude=venv --exclude=.venv \
     --exclude=__pycache__ --exclude='*.egg-info' --exclude=.pytest_cache .
-  run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$NAME:~/mta-jax.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
-  on_all_workers "set -e; rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/mta-jax.tar.gz -C $REMOTE_DIR \
-&& python3 -m pip install -q -U pip && python3 -m pip install -q -U 'jax[tpu]' -e $REMOTE_DIR \
-&& python3 -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
+  run_cmd gcloud compute tpus tpu-vm scp "$tarball" "$NAME:mta-jax.tar.gz" "${GCLOUD_FLAGS[@]}" --worker=all
+  # uv gives every worker the same Python (the images' own python3 is too old for JAX).
+  on_all_workers "set -e
+command -v uv >/dev/null 2>&1 || [ -x ~/.local/bin/uv ] || curl -LsSf https://astral.sh/uv/install.sh | sh
+export PATH=\$HOME/.local/bin:\$PATH
+rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/mta-jax.tar.gz -C $REMOTE_DIR
+[ -x $REMOTE_VENV/bin/python ] || uv venv --python $PYTHON_VERSION $REMOTE_VENV
+uv pip install --python $REMOTE_VENV/bin/python -U 'jax[tpu]' -e $REMOTE_DIR
+$REMOTE_VENV/bin/python -c 'import jax; print(\"process\", jax.process_index(), \"local devices\", jax.local_device_count())'"
 }
 
 cmd_run() {
   if [[ "$WORKDIR" != gs://* ]]; then
-    echo "tpu_vm.sh: note: --workdir $WORKDIR is local to each worker; a slice with several hosts" \
-      "needs a shared gs:// path for checkpoints" >&2
+    echo "tpu_vm.sh: note: workdir ${WORKDIR:-~/mta_runs/$NAME} is local to each worker; a slice" \
+      "with several hosts needs a shared gs:// path for checkpoints" >&2
   fi
   local flags main
-  flags="--config=$(printf '%q' "$CONFIG") --workdir=$WORKDIR"
+  flags="--config=$(printf '%q' "$CONFIG") --workdir=$WORKDIR_ARG"
   if [[ ${#EXTRA[@]} -gt 0 ]]; then
     flags+=" $(printf '%q ' "${EXTRA[@]}")"
   fi
-  main="cd $REMOTE_DIR && MTA_JAX_DISTRIBUTED=1 python3 -m mta_jax.main $flags"
+  main="$REMOTE_VENV/bin/python -m mta_jax.main $flags"
   if [[ "$DETACH" == 1 ]]; then
-    on_all_workers "$main > $REMOTE_DIR/train.log 2>&1 < /dev/null &"
+    on_all_workers "cd $REMOTE_DIR && MTA_JAX_DISTRIBUTED=1 nohup $main > train.log 2>&1 < /dev/null &"
     echo "tpu_vm.sh: training in the background; follow it with: launch/tpu_vm.sh logs --name $NAME --zone $ZONE" >&2
   else
-    on_all_workers "$main"
+    on_all_workers "cd $REMOTE_DIR && MTA_JAX_DISTRIBUTED=1 $main"
   fi
 }
 
@@ -157,8 +185,8 @@ cmd_ssh() {
 
 cmd_delete() {
   local quiet=()
-  [[ "$YES" == 1 ]] && quiet=(--quiet)
-  run_cmd gcloud compute tpus tpu-vm delete "$NAME" "${GCLOUD_FLAGS[@]}" "${quiet[@]}"
+  if [[ "$YES" == 1 ]]; then quiet=(--quiet); fi
+  run_cmd gcloud compute tpus tpu-vm delete "$NAME" "${GCLOUD_FLAGS[@]}" ${quiet[@]+"${quiet[@]}"}
 }
 
 need_gcloud

@@ -336,7 +336,8 @@ def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Arr
     """Host arrays [local_batch, ...] -> global jax.Arrays [local_batch * processes, ...].
 
     Single process: the local batch is the global batch. Multi-process: each host passes
-    its own consecutive slice (process i holds rows i*n:(i+1)*n of the global batch).
+    its own distinct examples, the same number on every host; they land on that host's
+    devices (with make_mesh's device order, process i's rows are i*n:(i+1)*n).
     """
     sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in local_batch.items()}
     if len(set(sizes.values())) > 1 or None in sizes.values():

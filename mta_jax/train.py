@@ -470,7 +470,7 @@ def run_stage(config, workdir: str, stage: str, *, tokenizer, init_dir: str,
                   extra={"stage": stage, **(scores or {})}, metrics=scores or None)
 
     try:
-        with sharding.mesh_context(mesh):
+        with sharding.mesh_context(mesh, rules):
             for step in range(start + 1, num_steps + 1):
                 host_batch = next(pipeline.iterator)
                 if mta is not None and mta.selector == "task":

@@ -20,7 +20,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.tfds_tasks = ("sst2", "trec", "snli", "squad_qg")  # tfds: registry task names to mix
   c.tfds_data_dir = ""  # tfds: data_dir holding prepared array_record data ("" = tfds default)
   c.tfds_download = False  # tfds: let tfds download and prepare missing data (needs network)
-  c.tokenizer = "byt5"  # "byt5" (byte-level, no files) or a T5 tokenizer directory / HF name
+  c.tokenizer = "byt5"  # "byt5" (bytes, no files), T5 tokenizer dir / HF name; "" = caller's own
   c.max_source_length = 40  # input tokens per example, padded/truncated, incl. [START] and EOS
   c.max_target_length = 16  # target tokens per example, padded/truncated, incl. EOS
   c.mixture = "proportional"  # task sampling rates: "proportional" | "equal" | "temperature"
@@ -28,7 +28,7 @@ def get_data_config() -> ml_collections.ConfigDict:
   c.mixture_cap = 0  # examples per task counted when computing rates and epoch size (0 = no cap)
   c.max_examples_per_task = 0  # train examples read per task, first ones (0 = all)
   c.on_bad_row = "error"  # a malformed row: "error" raises naming file/line, "skip" counts it
-  c.synthetic_train_size = 6000  # synthetic: training examples generated
+  c.synthetic_train_size = 20000  # synthetic: training examples generated (more = less memorising)
   c.synthetic_eval_size = 400  # synthetic: evaluation examples generated (inputs disjoint)
   c.synthetic_seed = 0  # synthetic: generator seed (the data, not the training order)
   c.eval_max_examples = 0  # evaluation examples kept per task, first ones (0 = all)
@@ -64,4 +64,4 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.source == "tfds":
     check("tfds_tasks", lambda v: not isinstance(v, str) and len(v) > 0,
           "a non-empty tuple of registry task names")
-  check("tokenizer", lambda v: isinstance(v, str) and bool(v), "'byt5' or a tokenizer path / name")
+  check("tokenizer", lambda v: isinstance(v, str), "'byt5', a tokenizer path / name, or ''")

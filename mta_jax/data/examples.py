@@ -71,10 +71,11 @@ def join_target(target: Any) -> str:
 
 def make_example(*, input: Any, target: Any, task_type: Any,  # pylint: disable=redefined-builtin
                  task: str | None, answer_choices: Sequence[str],
-                 task_types: Sequence[str]) -> dict:
+                 task_types: Sequence[str], require_target: bool = True) -> dict:
   """A checked, cleaned example; raises BadRow naming the field at fault.
 
   task: the task name; None names the task after its type.
+  require_target: False accepts an empty target (inputs to predict).
   """
   task_type = _require_str(task_type, "type")
   if task_type not in task_types:
@@ -84,7 +85,7 @@ def make_example(*, input: Any, target: Any, task_type: Any,  # pylint: disable=
   if not source:
     raise BadRow(EMPTY_INPUT, "field 'input' is empty")
   target = clean_text(join_target(target))
-  if not target:
+  if not target and require_target:
     raise BadRow(EMPTY_TARGET, "field 'target' is empty")
   return {
       "input": source,

@@ -35,7 +35,8 @@ def _answer_choices(value: Any) -> tuple[str, ...]:
   return tuple(value)
 
 
-def parse_line(line: str, task_types: Sequence[str]) -> dict:
+def parse_line(line: str, task_types: Sequence[str], *, default_type: str | None = None,
+               require_target: bool = True) -> dict:
   """One JSON line -> an example dict; raises BadRow naming the field at fault."""
   try:
     row = json.loads(line)
@@ -43,6 +44,10 @@ def parse_line(line: str, task_types: Sequence[str]) -> dict:
     raise ex.BadRow(ex.INVALID_JSON, f"invalid JSON ({e.msg} at column {e.colno})") from None
   if not isinstance(row, dict):
     raise ex.BadRow(ex.NOT_AN_OBJECT, f"expected a JSON object, got {type(row).__name__}")
+  if default_type is not None:
+    row.setdefault("type", default_type)
+  if not require_target:
+    row.setdefault("target", "")
   missing = [f for f in REQUIRED_FIELDS if f not in row]
   if missing:
     raise ex.BadRow(ex.MISSING_FIELD, f"missing field(s) {missing}; a line needs "
@@ -52,14 +57,23 @@ def parse_line(line: str, task_types: Sequence[str]) -> dict:
     raise ex.BadRow(ex.NON_STRING_FIELD, f"field 'task' must be a non-empty string, got {task!r}")
   return ex.make_example(input=row["input"], target=row["target"], task_type=row["type"],
                          task=task, answer_choices=_answer_choices(row.get("answer_choices")),
-                         task_types=task_types)
+                         task_types=task_types, require_target=require_target)
 
 
 def read_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error",
-               task_types: Sequence[str] = TASK_TYPES, split: str = "train"
+               task_types: Sequence[str] = TASK_TYPES, split: str = "train",
+               default_type: str | None = None, require_target: bool | None = None
                ) -> tuple[list[dict], DataReport]:
-  """Reads every line of `path`; bad lines raise DataError (file:line) or are counted."""
+  """Reads every line of `path`; bad lines raise DataError (file:line) or are counted.
+
+  split: "train", "eval" or "predict"; it labels the report.
+  default_type: the type of lines without one (None: "type" is required).
+  require_target: None = required except for split "predict", whose lines may
+    lack a target (the example's target is then "").
+  """
   ex.check_on_bad_row(on_bad_row)
+  if require_target is None:
+    require_target = split != "predict"
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise DataError(f"JSON-lines file not found: {path!r}")
@@ -78,7 +92,8 @@ def read_jsonl(path: str | os.PathLike, *, on_bad_row: str = "error",
         report.blank_lines += 1
         continue
       try:
-        example = parse_line(line, task_types)
+        example = parse_line(line, task_types, default_type=default_type,
+                             require_target=require_target)
       except ex.BadRow as err:
         ex.handle_bad_row(err, where, on_bad_row, report)
         continue

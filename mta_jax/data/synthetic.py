@@ -9,7 +9,9 @@ conflicting word-level mappings from it, the case MTA is for:
   opposite (generate):  "opposite: hot tiny up"        -> "cold big down" (... to its antonym)
 A shared FFN must map "hot" to itself, to "cold" and to a polarity at once.
 Inputs are at most 26 bytes and targets at most 14, so byte-level sequences stay
-small; a tiny ByT5-vocabulary model learns the rules in a few hundred steps.
+small. Measured with a throwaway 2+2-layer, d_model 96 byte-level transformer,
+20,000 training examples, batch 64, 800 steps (about 2 minutes on 2 CPU cores):
+eval exact match 0.96 polarity, 0.83 lookup, 0.62 relation, 0.65 opposite.
 Train and eval inputs are disjoint (a stable hash of the input picks its split),
 so eval scores measure the rules learnt, not memorised phrases.
 """

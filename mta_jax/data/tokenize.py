@@ -112,7 +112,7 @@ def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
 def _ragged(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
   offsets = np.zeros(len(rows) + 1, np.int64)
   offsets[1:] = np.cumsum([len(r) for r in rows])
-  flat = np.fromiter((i for r in rows for i in r), np.int32, count=int(offsets[-1]))
+  flat = np.concatenate([np.asarray(r, np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
   return flat, offsets
 
 
@@ -133,6 +133,9 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, *, max_source_le
                     "target tokens next to EOS")
   eos = tokenizer.eos_token_id
   prefix = [] if start_token_id is None else [start_token_id]
+  for task_type in {e["type"] for e in examples}:
+    task_type_index(task_type, tuple(task_types), f"type of task {task_type}")
+  type_index = {t: i for i, t in enumerate(task_types)}
   sources, targets, type_ids = [], [], []
   for example, source, target in zip(examples, _encode(tokenizer, [e["input"] for e in examples]),
                                      _encode(tokenizer, [e["target"] for e in examples])):
@@ -142,7 +145,7 @@ def tokenize_examples(examples: Sequence[dict], tokenizer: Any, *, max_source_le
       report.truncated_targets[example["task"]] += 1
     sources.append(prefix + source[:max_source_length - reserved] + [eos])
     targets.append(target[:max_target_length - 1] + [eos])
-    type_ids.append(task_type_index(example["type"], tuple(task_types), f"task {example['task']}"))
+    type_ids.append(type_index[example["type"]])
   source_ids, source_offsets = _ragged(sources)
   target_ids, target_offsets = _ragged(targets)
   return TokenizedExamples(source_ids, source_offsets, target_ids, target_offsets,

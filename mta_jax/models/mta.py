@@ -43,6 +43,9 @@ class MTAConfig:
     init_bias: float = 0.02  # added for a task's own adapters {t, t+1} mod E
     top_k: Optional[int] = None  # None: stage one (all adapters); k: keep the k largest weights
     renormalize: bool = False  # renormalise the kept top-k weights to sum to one
+    # With top_k: "dense" computes every adapter and zeroes the unkept weights; "gather"
+    # computes only each example's k kept adapters, their weights gathered per example.
+    topk_compute: str = "dense"
     num_shared_adapters: int = 0  # stage two: adapters every task uses, mixed in by the gate
     gate_hidden_dim: int = 128
     task_types: tuple[str, ...] = TASK_TYPES
@@ -63,6 +66,7 @@ class MTAConfig:
         check(self.temperature > 0, "temperature", "> 0")
         check(self.top_k is None or 1 <= self.top_k <= self.num_adapters, "top_k",
               f"None or an integer in [1, num_adapters={self.num_adapters}]")
+        check(self.topk_compute in ("dense", "gather"), "topk_compute", "'dense' or 'gather'")
         check(self.num_shared_adapters >= 0, "num_shared_adapters", ">= 0")
         check(self.gate_hidden_dim > 0, "gate_hidden_dim", "> 0")
         check(len(self.task_types) >= 1 and len(set(self.task_types)) == len(self.task_types),
@@ -188,7 +192,16 @@ class Adapters(nn.Module):
         out_init = nn.initializers.normal(width ** -0.5) if ffn else nn.initializers.zeros
         w_out = w("wo", (self.num, width, c.d_model), ("adapter", width_axis, "embed"), out_init)
 
-        project = lambda name: jnp.einsum("ble,nef->blnf", x, w_in(name))
+        gather = weights is not None and m.top_k is not None and m.topk_compute == "gather"
+        if gather:
+            # Only the k kept adapters of each example: [b, k] weights and indices, and the
+            # adapters' matrices taken per example, [num, ...] -> [b, k, ...].
+            weights, kept = lax.top_k(weights, m.top_k)
+            take = lambda a: jnp.take(a, kept, axis=0)
+            project = lambda name: jnp.einsum("ble,bnef->blnf", x, take(w_in(name)))
+            w_out = take(w_out)
+        else:
+            project = lambda name: jnp.einsum("ble,nef->blnf", x, w_in(name))
         if ffn and c.is_gated:
             h = c.activation(project("wi_0")) * project("wi_1")
         else:
@@ -197,6 +210,8 @@ class Adapters(nn.Module):
         if weights is None:
             return jnp.einsum("blnf,nfe->blne", h, w_out)
         h = h * weights.astype(dt)[:, None, :, None]
+        if gather:
+            return jnp.einsum("blnf,bnfe->ble", h, w_out)
         return jnp.einsum("blnf,nfe->ble", h, w_out)
 
 

@@ -373,9 +373,13 @@ class Stack(nn.Module):
         block_cls = Block
         if c.remat and not decode:
             block_cls = nn.remat(Block, static_argnums=(6, 7))
+        # Activations stay batch-sharded between blocks (a no-op without a mesh and rules);
+        # without it XLA may gather whole activations around the norms under FSDP.
+        constrain = lambda h: nn.with_logical_constraint(h, ("batch", "length", "embed"))
+        x = constrain(x)
         for i in range(n_layers):
-            x = block_cls(c, self.stack, i, name=f"layers_{i}")(
-                x, self_bias, encoded, cross_bias, ctx, deterministic, decode)
+            x = constrain(block_cls(c, self.stack, i, name=f"layers_{i}")(
+                x, self_bias, encoded, cross_bias, ctx, deterministic, decode))
         x = RMSNorm(c, name="final_layer_norm")(x)
         return nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
 

@@ -109,3 +109,39 @@ def test_checkpoint_restores_across_meshes(report):
     assert ck["all_equal"] is True  # saved under data=4 x tensor=2, restored bitwise
     assert ck["target_matches"] is True  # with the fsdp=2 x data=4 target's shardings
     assert ck["layouts"]["encoder/layers_0/ffn/mlp/wi"]["shard_shape"] == [16, 64]
+
+
+def test_two_processes_assemble_one_global_batch(tmp_path):
+    """maybe_initialize_distributed from JAX_* variables; each process feeds its own half."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "_multiprocess_worker.py")
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid), JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.pop("MTA_JAX_DISTRIBUTED", None)
+        procs.append(subprocess.Popen([sys.executable, worker], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for pid, r in enumerate(outs):
+        assert r["initialised"] is True and (r["process"], r["processes"]) == (pid, 2)
+        assert r["describe"] == "mesh data=8 x fsdp=1 x tensor=1 over 8 cpu devices in 2 processes"
+        assert r["global_shape"] == [8, 3]
+        assert r["local_rows"] == list(range(4 * pid, 4 * pid + 4))
+        assert r["row_sums"] == r["expected_row_sums"]
+        assert r["batch_error"] == ("train.batch_size=3 is not divisible by the number of processes 2 "
+                                    "(each host loads an equal slice)")

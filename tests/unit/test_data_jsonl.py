@@ -119,3 +119,11 @@ def test_reads_the_released_validation_file():
   examples, report = data.read_jsonl(RELEASED)
   assert dict(report.kept) == {"nli": 940, "classify": 889, "generate": 171}
   assert not report.bad_rows and len(examples) == 2000
+
+
+def test_prediction_input_may_omit_type_and_target(tmp_path):
+  path = _write(tmp_path, ['{"input": "only an input"}', json.dumps(GOOD)])
+  with pytest.raises(data.DataError, match=r":1: missing field\(s\) \['target', 'type'\]"):
+    data.read_jsonl(path)
+  examples, _ = data.read_jsonl(path, split="predict", default_type="classify")
+  assert [(e["type"], e["target"]) for e in examples] == [("classify", ""), ("nli", "yes")]

@@ -1,0 +1,160 @@
+"""Analytic FLOPs of a T5 encoder-decoder step, with or without MTA blocks.
+
+Only matrix products count (2 FLOPs per multiply-add); norms, softmax, activations and the
+optimizer are left out, as model-FLOPs-utilisation conventions do. A training step costs
+3 x the forward pass (the backward pass computes two products per forward product: one for
+the activations' gradient, one for the weights'). Shapes:
+
+    B batch, S source length, T target length, d d_model, h heads, k d_kv (inner = h * k),
+    f d_ff, V vocabulary, E adapters, a bottleneck width.
+
+Per encoder block:  attention projections 4 * 2BSd*inner, scores + values 2 * 2BhS^2k,
+                    FFN 2BSdf * (2, or 3 when gated).
+Per decoder block:  the same on T, plus cross-attention: q, o on T (2 * 2BTd*inner), k, v on
+                    the encoder's S tokens (2 * 2BSd*inner), scores + values 2 * 2BhTSk.
+LM head:            2BTdV.
+An MTA block replaces (`ffn` adapters) or joins (`bottleneck`) the FFN with the adapters it
+computes: all E in stage one, the k kept ones with `topk_compute="gather"`, plus the shared
+adapters and the gate network (read at the first position) in stage two.
+
+`model_flops_per_step` says the same with parameter counts (6 x parameters x tokens), the
+form MFU is usually quoted in; the unit test checks both against a count written out by hand.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+def _ffn(tokens: int, d: int, f: int, gated: bool) -> int:
+    """Forward FLOPs of one dense FFN on `tokens` rows."""
+    return 2 * tokens * d * f * (3 if gated else 2)
+
+
+def _attention(q_tokens: int, kv_tokens: int, q_len: int, kv_len: int, batch: int, d: int,
+               h: int, k: int) -> tuple[int, int]:
+    """(projection FLOPs, score + value FLOPs) of one attention sub-layer."""
+    inner = h * k
+    proj = 2 * 2 * q_tokens * d * inner + 2 * 2 * kv_tokens * d * inner  # q, o | k, v
+    core = 2 * 2 * batch * h * q_len * kv_len * k  # q k^T and weights @ v
+    return proj, core
+
+
+def _computed_adapters(plug) -> int:
+    """Adapters an MTA block computes per token: all E, or the k kept ones when gathered."""
+    gathered = plug.top_k is not None and getattr(plug, "topk_compute", "dense") == "gather"
+    return (plug.top_k if gathered else plug.num_adapters) + plug.num_shared_adapters
+
+
+def _mta_parts(config, tokens: int, batch: int) -> tuple[int, int]:
+    """(adapter FLOPs incl. a kept dense FFN, selector + gate FLOPs) of one MTA FFN sub-layer."""
+    plug = config.ffn_plug
+    d, f, gated = config.d_model, config.d_ff, config.is_gated
+    n = _computed_adapters(plug)
+    if plug.adapter_kind == "ffn":
+        adapters = n * _ffn(tokens, d, f, gated)
+    else:  # the pretrained FFN stays; ReLU bottlenecks are added beside it
+        adapters = _ffn(tokens, d, f, gated) + n * _ffn(tokens, d, plug.adapter_dim, False)
+    extra = 2 * batch * d * plug.num_adapters if plug.selector == "start_token" else 0
+    if plug.num_shared_adapters:
+        n_out, g = 1 + plug.num_shared_adapters, plug.gate_hidden_dim
+        extra += 2 * batch * (n_out * d) * g + 2 * batch * g * n_out
+    return adapters, extra
+
+
+def forward_flops(config, batch: int, source_length: int, target_length: int,
+                  breakdown: bool = False):
+    """Forward matmul FLOPs of `models.t5.T5(config)` on [batch, source] -> [batch, target].
+
+    config: a models.t5.T5Config (its ffn_plug None or an mta.MTAConfig).
+    """
+    c = config
+    B, S, T = batch, source_length, target_length
+    d, h, k = c.d_model, c.num_heads, c.d_kv
+    plug = c.ffn_plug
+    parts = {"attention_proj": 0, "attention_core": 0, "cross_kv": 0, "ffn": 0, "lm_head": 0}
+    for stack, layers, tokens in (("encoder", c.num_layers, B * S),
+                                  ("decoder", c.n_decoder_layers, B * T)):
+        for i in range(layers):
+            length = S if stack == "encoder" else T
+            proj, core = _attention(tokens, tokens, length, length, B, d, h, k)
+            parts["attention_proj"] += proj
+            parts["attention_core"] += core
+            if stack == "decoder":
+                inner = h * k
+                parts["attention_proj"] += 2 * 2 * B * T * d * inner  # cross q, o
+                parts["cross_kv"] += 2 * 2 * B * S * d * inner  # cross k, v on encoder tokens
+                parts["attention_core"] += 2 * 2 * B * h * T * S * k
+            if plug is not None and plug.applies_to(stack, i, layers):
+                parts["ffn"] += sum(_mta_parts(c, tokens, B))
+            else:
+                parts["ffn"] += _ffn(tokens, d, c.d_ff, c.is_gated)
+    parts["lm_head"] = 2 * B * T * d * c.vocab_size
+    total = sum(parts.values())
+    return (total, parts) if breakdown else total
+
+
+def train_flops(config, batch: int, source_length: int, target_length: int) -> int:
+    """Training-step FLOPs: forward + backward = 3 x forward (every weight trained)."""
+    return 3 * forward_flops(config, batch, source_length, target_length)
+
+
+def matmul_params(config) -> dict[str, int]:
+    """Parameters that multiply activations, grouped by the tokens they see.
+
+    encoder: every encoder matrix (attention, FFN / MTA adapters computed);
+    decoder_target: decoder matrices applied to target tokens (self-attention, cross q/o, FFN);
+    cross_kv: cross-attention k, v (applied to the encoder's tokens); lm_head: d x V.
+    Embedding look-ups, norms and relative-position tables multiply nothing and are left out.
+    """
+    c = config
+    d, f, inner = c.d_model, c.d_ff, c.num_heads * c.d_kv
+    plug = c.ffn_plug
+
+    def ffn_params(stack, i, layers):
+        dense = d * f * (3 if c.is_gated else 2)
+        if plug is None or not plug.applies_to(stack, i, layers):
+            return dense
+        n = _computed_adapters(plug)
+        return n * dense if plug.adapter_kind == "ffn" else dense + n * 2 * d * plug.adapter_dim
+
+    enc = sum(4 * d * inner + ffn_params("encoder", i, c.num_layers) for i in range(c.num_layers))
+    dec = sum(4 * d * inner + 2 * d * inner + ffn_params("decoder", i, c.n_decoder_layers)
+              for i in range(c.n_decoder_layers))
+    return {"encoder": enc, "decoder_target": dec,
+            "cross_kv": c.n_decoder_layers * 2 * d * inner, "lm_head": d * c.vocab_size}
+
+
+def model_flops_per_step(config, batch: int, source_length: int, target_length: int) -> int:
+    """Training FLOPs in the parameter form: 6 x encoder params x input tokens + 6 x decoder
+    params x target tokens + 6 x cross-attention k/v params x input tokens + 6 x LM head x
+    target tokens + 3 x attention scores and values (+ the small stage-two extras)."""
+    p = matmul_params(config)
+    B, S, T = batch, source_length, target_length
+    c = config
+    attention = sum(2 * 2 * B * c.num_heads * q * kv * c.d_kv for q, kv, n in (
+        (S, S, c.num_layers), (T, T, c.n_decoder_layers), (T, S, c.n_decoder_layers))
+        for _ in range(n))
+    extras = 0  # selector read-out and gate network: they see one position per example
+    plug = c.ffn_plug
+    for stack, layers, tokens in (("encoder", c.num_layers, B * S),
+                                  ("decoder", c.n_decoder_layers, B * T)):
+        for i in range(layers):
+            if plug is not None and plug.applies_to(stack, i, layers):
+                extras += _mta_parts(c, tokens, B)[1]
+    return (6 * p["encoder"] * B * S + 6 * p["decoder_target"] * B * T + 6 * p["cross_kv"] * B * S
+            + 6 * p["lm_head"] * B * T + 3 * attention + 3 * extras)
+
+
+def peak_flops_per_second(device_kind: str, dtype: str = "bfloat16") -> Optional[float]:
+    """Dense (no sparsity) peak of known accelerators; None when unknown (e.g. CPU)."""
+    table = (  # vendor datasheets, dense tensor-core throughput; first match wins
+        ("h100 pcie", "bfloat16", 756e12), ("h100", "bfloat16", 989e12),  # SXM
+        ("h200", "bfloat16", 989e12), ("a100", "bfloat16", 312e12),
+        ("h100 pcie", "float32", 51e12), ("h100", "float32", 67e12),
+        ("h200", "float32", 67e12), ("a100", "float32", 19.5e12),
+    )
+    kind = device_kind.lower()
+    for name, dt, value in table:
+        if name in kind and dt == dtype:
+            return value
+    return None

@@ -1,0 +1,58 @@
+"""Side-by-side timing: every figure the harness reports is a ratio of medians of
+interleaved repetitions, so that load from other processes hits both sides alike.
+
+Import this module, and call `set_threads`, before JAX (or PyTorch) is imported: XLA reads
+its thread count from XLA_FLAGS once, when its CPU client starts.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Mapping
+
+
+def set_threads(n: int) -> int:
+    """Give XLA's CPU client and PyTorch the same `n` intra-op threads; returns n."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "intra_op_parallelism_threads" not in flags:
+        flags += f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    try:
+        import torch
+    except ImportError:  # the JAX-only parts (gpu.py) run without PyTorch
+        return n
+    torch.set_num_threads(n)
+    return n
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each `fn` (which must block until its work is done).
+
+    Each round calls every fn once; the order rotates from round to round so that no fn
+    always follows the same neighbour. `warmup` untimed rounds come first.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
+    """median(num) / median(den)."""
+    return median(times[num]) / median(times[den])

@@ -1,0 +1,137 @@
+"""Compare the FFN variants under equal steps and batch, over seeds.
+
+    python -m mta_jax.experiments.compare --config=configs/demo.py --seeds=3 --out=runs/compare \
+        [--variants=dense,shared_adapter,switch_moe,task_moe,mta_stage1,mta] [--steps=N]
+
+Every variant trains `--steps` optimizer steps in all (default: the config's stage1 + stage2
+steps); MTA splits them between its two stages in the config's ratio, the others spend them in
+stage one. Seeds 0..n-1 set config.seed. Run k of a variant lives in OUT/<variant>/seed<k>
+(a full training workdir); a run whose summary.json exists is skipped, and an interrupted one
+resumes from its checkpoints. Writes OUT/report.md, OUT/results.json, OUT/loss_curves.png and
+OUT/routing_<variant>_seed<k>_<stage>.png. Config overrides (--config.a.b=v) apply to every run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging as std_logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mta_jax.models import variants as variants_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("out", None, "Study folder: one workdir per variant and seed, plus the report.")
+flags.DEFINE_integer("seeds", 3, "Seeds per variant: config.seed = 0 .. seeds - 1.")
+flags.DEFINE_list("variants", list(variants_lib.VARIANTS), "Variants to run, in report order.")
+flags.DEFINE_integer("steps", 0, "Optimizer steps per run, all stages together "
+                     "(0: the config's stage1 + stage2 steps).")
+flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in OUT/.jax_cache: seeds of "
+                  "one variant share them.")
+flags.mark_flags_as_required(["config", "out"])
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import jax
+    return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
+
+
+def run_one(config, workdir: str) -> None:
+    """Trains one run unless its summary.json exists; records its wall time."""
+    from mta_jax import train
+    if os.path.exists(os.path.join(workdir, "summary.json")):
+        logging.info("%s: finished earlier, skipped", workdir)
+        return
+    t0 = time.perf_counter()
+    train.train_and_evaluate(config, workdir)
+    with open(os.path.join(workdir, "timing.json"), "w") as f:
+        json.dump({"wall_seconds": time.perf_counter() - t0}, f)
+
+
+def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
+              command: str = "") -> dict:
+    """Runs (or finds) every variant x seed under `out`, then writes the report; returns results."""
+    from mta_jax.experiments import report
+
+    unknown = [v for v in variant_names if v not in variants_lib.VARIANTS]
+    if unknown or not variant_names:
+        raise app.UsageError(f"--variants must be a non-empty list of {', '.join(variants_lib.VARIANTS)}; "
+                             f"got {list(variant_names)}")
+    if num_seeds < 1:
+        raise app.UsageError(f"--seeds must be >= 1; got {num_seeds}")
+    os.makedirs(out, exist_ok=True)
+    batch = base.train.batch_size
+    records: dict = {}
+    total = len(variant_names) * num_seeds
+    for i, (variant, seed) in enumerate((v, s) for v in variant_names for s in range(num_seeds)):
+        config = variants_lib.configure(base, variant, steps or None)
+        config.seed = seed
+        workdir = os.path.join(out, variant, f"seed{seed}")
+        t0 = time.perf_counter()
+        run_one(config, workdir)
+        record = report.run_record(workdir, batch)
+        records.setdefault(variant, {})[seed] = record
+        print(f"[{i + 1}/{total}] {variant} seed {seed}: overall "
+              f"{record['scores'].get('overall', float('nan')):.4f} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    summary = report.aggregate(records)
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    header = (f"# Variant comparison\n\n{when}; {machine()}\n\n"
+              + (f"Command: `{command}`\n\n" if command else "")
+              + f"Batch {batch}; {steps or 'config'} steps per run; seeds 0..{num_seeds - 1}.\n")
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report.markdown(summary, header=header))
+        routing = report.copy_routing(records, out)
+        loss = report.loss_plot(records, os.path.join(out, "loss_curves.png"))
+        f.write("\n" + (f"![loss curves](loss_curves.png)\n" if loss else ""))
+        for path in routing:
+            f.write(f"![{os.path.basename(path)}]({os.path.basename(path)})\n")
+    results = {"date": when, "machine": machine(), "command": command, "batch_size": batch,
+               **summary, "runs": {v: {str(s): r for s, r in by.items()} for v, by in records.items()}}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from mta_jax import checkpoint, data, hf, sharding, train
+    from mta_jax.models import mta
+    # mta_jax.main defines --config too, so it cannot be imported here: its list, repeated.
+    user_errors = (train.ConfigError, data.DataError, hf.CheckpointFormatError,
+                   mta.MTAConfigError, checkpoint.CheckpointError, sharding.ShardingError)
+    std_logging.getLogger("absl").addFilter(  # Orbax logs every file it writes at INFO
+        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+    if FLAGS.compilation_cache:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, ".jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    command = "python -m mta_jax.experiments.compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        run_study(FLAGS.config, FLAGS.out, FLAGS.variants, FLAGS.seeds, FLAGS.steps, command)
+    except user_errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
