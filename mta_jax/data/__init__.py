@@ -10,6 +10,7 @@ T = max_target_length):
   task_ids                           [B]     index into the run's task types
   example_mask (eval batches only)   [B]     0 for rows that only fill the last batch
 """
+
 from mta_jax.data.config import get_data_config, validate_data_config
 from mta_jax.data.errors import DataError
 from mta_jax.data.eval_set import EvalSet, build_eval_set
@@ -22,9 +23,25 @@ from mta_jax.data.synthetic import synthetic_examples
 from mta_jax.data.tokenize import get_tokenizer, resolve_start_token_id
 
 __all__ = [
-    "BatchIterator", "DataError", "DataReport", "EvalSet", "METRIC_BY_TYPE", "TASKS",
-    "TASK_TYPES", "Task", "TfdsSource", "TrainPipeline", "build_eval_set",
-    "build_train_pipeline", "epoch_counts", "get_data_config", "get_task", "get_tokenizer",
-    "mixture_rates", "read_jsonl", "resolve_start_token_id", "synthetic_examples",
+    "BatchIterator",
+    "DataError",
+    "DataReport",
+    "EvalSet",
+    "METRIC_BY_TYPE",
+    "TASKS",
+    "TASK_TYPES",
+    "Task",
+    "TfdsSource",
+    "TrainPipeline",
+    "build_eval_set",
+    "build_train_pipeline",
+    "epoch_counts",
+    "get_data_config",
+    "get_task",
+    "get_tokenizer",
+    "mixture_rates",
+    "read_jsonl",
+    "resolve_start_token_id",
+    "synthetic_examples",
     "validate_data_config",
 ]

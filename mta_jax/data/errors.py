@@ -2,4 +2,4 @@
 
 
 class DataError(ValueError):
-  """Bad data or data config: the message names the file, line, field or task."""
+    """Bad data or data config: the message names the file, line, field or task."""
