@@ -111,7 +111,7 @@ def set_task_ids(hf_model, task_ids) -> None:
 
 
 def _tensors(batch) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in batch.items()}
+    return {k: torch.as_tensor(np.array(v), dtype=torch.long) for k, v in batch.items()}
 
 
 def train_step(hf_model, batch, learning_rate: float = 1e-4):

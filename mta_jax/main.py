@@ -4,39 +4,18 @@ Every config field can be overridden on the command line, e.g. `--config.mta.top
 A user error (config, paths, data, checkpoints) exits 1 with one line `error: ...`;
 SIGTERM saves a checkpoint and exits 0, and the same command resumes.
 """
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mta_jax.cli import quiet_libraries, user_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and predictions.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def user_errors() -> tuple:
-    """Exception types that mean 'the user asked for something impossible', not a bug."""
-    from mta_jax import checkpoint, data, hf, sharding, train
-    from mta_jax.models import mta
-    return (train.ConfigError, data.DataError, hf.CheckpointFormatError, mta.MTAConfigError,
-            checkpoint.CheckpointError, sharding.ShardingError)
-
-
-class _QuietLibraries(std_logging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings, drop the rest."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname:
-            return True
-        # Saves without metrics are expected: only evaluated steps compete for "best".
-        return record.levelno >= std_logging.WARNING and "did not provide metrics" not in str(record.msg)
-
-
-def quiet_libraries() -> None:
-    std_logging.getLogger("absl").addFilter(_QuietLibraries())
 
 
 def main(argv):

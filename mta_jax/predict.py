@@ -17,6 +17,7 @@ import ml_collections
 from absl import app, flags, logging
 
 from mta_jax import checkpoint as ckpt_lib
+from mta_jax.cli import quiet_libraries, user_errors
 from mta_jax import data as data_lib
 from mta_jax import decoding, evaluation, metrics, sharding, train
 from mta_jax.data import tokenize
@@ -102,7 +103,7 @@ def main(argv):
         if not F[name].value:
             print(f"error: --{name} is required", file=sys.stderr)
             return 1
-    from mta_jax.main import user_errors
+    quiet_libraries()
     try:
         scores = predict_file(F.workdir, F.input, F.output, stage=F.stage, step=F.step,
                               batch_size=F.batch_size)

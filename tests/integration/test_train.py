@@ -23,15 +23,6 @@ def _losses(stage_dir):
     return {r["step"]: r["loss"] for r in _rows(os.path.join(stage_dir, "metrics.jsonl")) if "loss" in r}
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted two-stage run."""
-    workdir = str(tmp_path_factory.mktemp("reference"))
-    result = tiny.run_main(workdir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
 def test_both_stages_write_their_files_and_loss_falls(reference):
     assert os.path.exists(os.path.join(reference, "config.json"))
     for stage, steps in (("stage1", 12), ("stage2", 6)):
