@@ -9,7 +9,8 @@ from mta_jax import data
 from mta_jax.data import examples as ex
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "alter_small.jsonl"
-RELEASED = pathlib.Path("/work/shared/data/alter/english_val.jsonl")
+# The authors' released validation file, in the shared/ folder beside the checkout (as in CI).
+RELEASED = pathlib.Path(__file__).parents[3] / "shared" / "data" / "alter" / "english_val.jsonl"
 GOOD = {"input": "a good line", "target": "yes", "answer_choices": "[]", "type": "nli"}
 
 
