@@ -142,7 +142,7 @@ def main(checkpoint_dir=None):
         out["layouts"][name] = {k: layout_of(flat[k]) for k in WATCH}
         out["layouts"][name].update({"mu:" + k: layout_of(mu[k]) for k in WATCH})
         out["layouts"][name]["count"] = layout_of(state[1][0].count)
-        states[name] = (state, abstract, p_sh, o_sh)
+        states[name] = (state, abstract, p_sh, o_sh, step, mesh)
 
     out["errors"] = {
         "product": error_of(lambda: sh.make_mesh(dict(data=3, fsdp=1, tensor=1))),
@@ -158,8 +158,8 @@ def main(checkpoint_dir=None):
     if checkpoint_dir:
         from mta_jax.checkpoint import Checkpointer
 
-        (params, opt_state), _, _, _ = states["data4_tensor2"]
-        _, abstract, p_sh, o_sh = states["fsdp2_data4"]
+        (params, opt_state), _, _, _, step_a, mesh_a = states["data4_tensor2"]
+        _, abstract, p_sh, o_sh, step_b, mesh_b = states["fsdp2_data4"]
         with Checkpointer(checkpoint_dir, async_save=False) as ckpt:
             ckpt.save(STEPS, params=params, opt_state=opt_state, data_state={})
             restored = ckpt.restore(
@@ -175,6 +175,12 @@ def main(checkpoint_dir=None):
             "target_matches": all(jax.tree.leaves(jax.tree.map(
                 lambda x, s: x.sharding == s, restored.params, p_sh))),
         }
+        # The next step from the restored state, on the new mesh, against the original mesh.
+        with sh.mesh_context(mesh_b):
+            _, loss_b = step_b((restored.params, restored.opt_state), sh.shard_batch(batch_np, mesh_b))
+        with sh.mesh_context(mesh_a):
+            _, loss_a = step_a((params, opt_state), sh.shard_batch(batch_np, mesh_a))
+        out["checkpoint"]["next_loss"] = {"original_mesh": float(loss_a), "restored_mesh": float(loss_b)}
     print(json.dumps(out))
 
 

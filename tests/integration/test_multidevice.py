@@ -109,6 +109,8 @@ def test_checkpoint_restores_across_meshes(report):
     assert ck["all_equal"] is True  # saved under data=4 x tensor=2, restored bitwise
     assert ck["target_matches"] is True  # with the fsdp=2 x data=4 target's shardings
     assert ck["layouts"]["encoder/layers_0/ffn/mlp/wi"]["shard_shape"] == [16, 64]
+    nxt = ck["next_loss"]  # training goes on under the new mesh with the same loss
+    assert abs(nxt["restored_mesh"] - nxt["original_mesh"]) <= 1e-5 * abs(nxt["original_mesh"])
 
 
 def test_two_processes_assemble_one_global_batch(tmp_path):
