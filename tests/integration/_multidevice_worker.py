@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from mta_jax import optim, train  # noqa: E402
 from mta_jax import sharding as sh  # noqa: E402
 from mta_jax.models import t5 as t5_lib  # noqa: E402
 from mta_jax.models.mta import MTAConfig  # noqa: E402
@@ -45,12 +46,13 @@ tx = optax.adam(1e-3)
 
 rng = np.random.default_rng(0)
 batch_np = {
-    "inputs": rng.integers(2, 128, (BATCH, SRC)).astype(np.int32),
+    "input_ids": rng.integers(2, 128, (BATCH, SRC)).astype(np.int32),
     "attention_mask": (np.arange(SRC)[None] < rng.integers(4, SRC + 1, (BATCH, 1))).astype(np.int32),
-    "decoder_inputs": rng.integers(2, 128, (BATCH, TGT)).astype(np.int32),
-    "targets": rng.integers(2, 128, (BATCH, TGT)).astype(np.int32),
+    "decoder_input_ids": rng.integers(2, 128, (BATCH, TGT)).astype(np.int32),
+    "labels": rng.integers(2, 128, (BATCH, TGT)).astype(np.int32),
     "task_ids": rng.integers(0, 5, (BATCH,)).astype(np.int32),
 }
+batch_np["decoder_attention_mask"] = np.ones_like(batch_np["labels"])
 
 
 # Under jit on one device: eager initialisation rounds differently (by an ulp) from any jit.
@@ -58,17 +60,15 @@ HOST_PARAMS = jax.device_get(
     jax.jit(lambda: nn.unbox(t5_lib.init_params(model, jax.random.key(0))))())
 
 
+# The library's own train step (all parameters trainable), as train.py compiles it.
+_LIBRARY_STEP = train.make_train_step(model, tx, optim.trainable_keys(
+    optim.param_labels(HOST_PARAMS, ".*")))
+
+
 def train_step(state, batch):
     params, opt_state = state
-
-    def loss_fn(p):
-        logits = model.apply({"params": p}, batch["inputs"], batch["decoder_inputs"],
-                             attention_mask=batch["attention_mask"], task_ids=batch["task_ids"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    params, opt_state, metrics = _LIBRARY_STEP(params, opt_state, batch, jax.random.key(1))
+    return (params, opt_state), metrics["loss"]
 
 
 def setup(mesh_cfg, devices=None):
@@ -138,7 +138,7 @@ def main(checkpoint_dir=None):
         mu = flax.traverse_util.flatten_dict(state[1][0].mu, sep="/")
         out["losses"][name] = losses
         out["describe"][name] = sh.describe(mesh)
-        out["batch_spec"][name] = spec_of(batch["inputs"])
+        out["batch_spec"][name] = spec_of(batch["input_ids"])
         out["layouts"][name] = {k: layout_of(flat[k]) for k in WATCH}
         out["layouts"][name].update({"mu:" + k: layout_of(mu[k]) for k in WATCH})
         out["layouts"][name]["count"] = layout_of(state[1][0].count)
