@@ -1,10 +1,11 @@
-"""t5-base on a tensorflow-datasets mixture (SST-2, TREC, SNLI, SQuAD question generation).
+"""T5-base on a tensorflow-datasets mixture (SST-2, TREC, SNLI, SQuAD question generation).
 
     python -m mta_jax.main --config=configs/t5_base.py --workdir=runs/t5_base
 
 Needs the tfds data prepared as array_record (`tfds build ...` once, or
---config.data.tfds_download=True with network) and the checkpoint in the Hugging Face cache
-or a local folder (--config.init_from=/path/to/t5-base).
+--config.data.tfds_download=True with network) and the checkpoint in the Hugging Face cache or
+a local folder (--config.init_from=/path/to/t5-base). The other Hugging Face configs import
+this one and change a few fields.
 """
 from configs import default
 
@@ -15,7 +16,5 @@ def get_config():
     config.data.source = "tfds"
     config.data.mixture = "temperature"
     config.data.mixture_temperature = 2.0
-    config.mta.encoder_layers = config.mta.decoder_layers = "11"
-    config.stage1.learning_rate = config.stage2.learning_rate = 1e-4
-    config.train.batch_size = 4
+    config.mta.encoder_layers = config.mta.decoder_layers = "11"  # the last block of T5-base
     return config

@@ -1,21 +1,9 @@
-"""t5-small on a tensorflow-datasets mixture (SST-2, TREC, SNLI, SQuAD question generation).
-
-    python -m mta_jax.main --config=configs/t5_small.py --workdir=runs/t5_small
-
-Needs the tfds data prepared as array_record (`tfds build ...` once, or
---config.data.tfds_download=True with network) and the checkpoint in the Hugging Face cache
-or a local folder (--config.init_from=/path/to/t5-small).
-"""
-from configs import default
+"""T5-small (6 + 6 blocks) on the tfds mixture of configs/t5_base.py; MTA in the last block."""
+from configs import t5_base
 
 
 def get_config():
-    config = default.get_config()
+    config = t5_base.get_config()
     config.init_from = "t5-small"
-    config.data.source = "tfds"
-    config.data.mixture = "temperature"
-    config.data.mixture_temperature = 2.0
     config.mta.encoder_layers = config.mta.decoder_layers = "last"
-    config.stage1.learning_rate = config.stage2.learning_rate = 1e-4
-    config.train.batch_size = 4
     return config

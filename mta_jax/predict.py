@@ -11,8 +11,6 @@ import os
 import sys
 from typing import Optional
 
-import flax.linen as nn
-import jax
 import ml_collections
 from absl import app, flags, logging
 
@@ -76,12 +74,7 @@ def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Opti
                                            default_type=default_type, split="predict")
     if not examples:
         raise data_lib.DataError(f"{input_path}: no usable example ({report.summary()})")
-    start_id = (tokenize.resolve_start_token_id(tokenizer, config.data.start_token_id)
-                if config.data.start_token else None)
-    tokenized = tokenize.tokenize_examples(
-        examples, tokenizer, max_source_length=config.data.max_source_length,
-        max_target_length=config.data.max_target_length, task_types=task_types,
-        start_token_id=start_id, report=report)
+    tokenized = tokenize.tokenize_with_config(examples, tokenizer, config.data, task_types, report)
     eval_set = data_lib.EvalSet(examples, tokenized, report)
     e = config.eval
     decode_fn = decoding.make_decoder(model, method=e.decode, max_length=e.max_decode_length,

@@ -49,19 +49,6 @@ def build_eval_set(
     """Every eval example of the configured source (capped per task by eval_max_examples)."""
     validate_data_config(data_cfg)
     examples, report = sources.load_examples(data_cfg, "eval", tuple(task_types))
-    start_id = (
-        tokenize.resolve_start_token_id(tokenizer, data_cfg.start_token_id)
-        if data_cfg.start_token
-        else None
-    )
-    tokenized = tokenize.tokenize_examples(
-        examples,
-        tokenizer,
-        max_source_length=data_cfg.max_source_length,
-        max_target_length=data_cfg.max_target_length,
-        task_types=tuple(task_types),
-        start_token_id=start_id,
-        report=report,
-    )
+    tokenized = tokenize.tokenize_with_config(examples, tokenizer, data_cfg, task_types, report)
     report.log()
     return EvalSet(examples, tokenized, report)

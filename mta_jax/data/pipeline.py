@@ -148,20 +148,7 @@ def build_train_pipeline(
     task_types = tuple(task_types)
     examples, report = sources.load_examples(data_cfg, "train", task_types)
     examples, sizes = _task_contiguous(examples)
-    start_id = (
-        tokenize.resolve_start_token_id(tokenizer, data_cfg.start_token_id)
-        if data_cfg.start_token
-        else None
-    )
-    tokenized = tokenize.tokenize_examples(
-        examples,
-        tokenizer,
-        max_source_length=data_cfg.max_source_length,
-        max_target_length=data_cfg.max_target_length,
-        task_types=task_types,
-        start_token_id=start_id,
-        report=report,
-    )
+    tokenized = tokenize.tokenize_with_config(examples, tokenizer, data_cfg, task_types, report)
 
     rates = mixture.mixture_rates(
         sizes, data_cfg.mixture, temperature=data_cfg.mixture_temperature, cap=data_cfg.mixture_cap
@@ -193,7 +180,7 @@ def build_train_pipeline(
         "epoch_counts": counts,
         "max_source_length": data_cfg.max_source_length,
         "max_target_length": data_cfg.max_target_length,
-        "start_token_id": start_id,
+        "start_token_id": tokenize.configured_start_token_id(tokenizer, data_cfg),
         "num_workers": data_cfg.num_workers,
     }
     report.log()

@@ -185,3 +185,19 @@ def tokenize_examples(
         max_target_length,
         tokenizer.pad_token_id,
     )
+
+
+def tokenize_with_config(examples: Sequence[dict], tokenizer: Any, data_cfg: Any,
+                         task_types: Sequence[str], report: Any) -> "TokenizedExamples":
+    """`tokenize_examples` with the lengths and [START] token of a `config.data` block."""
+    start_id = configured_start_token_id(tokenizer, data_cfg)
+    return tokenize_examples(examples, tokenizer, max_source_length=data_cfg.max_source_length,
+                             max_target_length=data_cfg.max_target_length,
+                             task_types=tuple(task_types), start_token_id=start_id, report=report)
+
+
+def configured_start_token_id(tokenizer: Any, data_cfg: Any):
+    """The [START] id a `config.data` block asks for, or None without one."""
+    if not data_cfg.start_token:
+        return None
+    return resolve_start_token_id(tokenizer, data_cfg.start_token_id)

@@ -288,7 +288,7 @@ class MTABlock(nn.Module):
 
         In incremental decoding only the first step sees position 0: its gate is cached.
         """
-        c, m = self.config, self.mta
+        m = self.mta
         n_out = 1 + m.num_shared_adapters
         flat = first.reshape(first.shape[0], -1).astype(jnp.float32)
         hidden = nn.relu(nn.Dense(

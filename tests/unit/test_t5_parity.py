@@ -1,6 +1,5 @@
 """Our Flax T5 against Hugging Face's PyTorch T5 on tiny random checkpoints."""
 import numpy as np
-import pytest
 import torch
 
 import jax.numpy as jnp
