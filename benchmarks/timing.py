@@ -12,8 +12,14 @@ import time
 from typing import Callable, Mapping
 
 
-def set_threads(n: int) -> int:
-    """Give XLA's CPU client and PyTorch the same `n` intra-op threads; returns n."""
+def set_threads(n: int, omp_wait_policy: str = "PASSIVE") -> int:
+    """Give XLA's CPU client and PyTorch the same `n` intra-op threads; returns n.
+
+    PyTorch's OpenMP threads spin while they wait (OMP_WAIT_POLICY=ACTIVE, the default);
+    on a machine shared with other jobs that made its steps 3-4x slower here, while XLA's
+    thread pool blocks instead. PASSIVE is the fair setting on a busy machine.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", omp_wait_policy)
     flags = os.environ.get("XLA_FLAGS", "")
     if "intra_op_parallelism_threads" not in flags:
         flags += f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}"

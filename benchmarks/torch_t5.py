@@ -160,3 +160,15 @@ def greedy_generate(hf_model, batch, length: int):
         return out[:, 1:].numpy()  # drop the start token
 
     return run
+
+
+def top_ops(fn, n: int = 5) -> list[tuple[str, float, float]]:
+    """The n PyTorch ops with the most self CPU time in one call of `fn`:
+    (name, seconds, share of the total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [(e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()]
+    total = sum(t for _, t in events) or 1.0
+    return [(k, t, t / total) for k, t in sorted(events, key=lambda kt: -kt[1])[:n]]

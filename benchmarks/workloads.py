@@ -22,7 +22,7 @@ from mta_jax.models.t5 import T5, T5Config
 
 # T5 v1.0 (ReLU FFN, head tied to the embedding) shapes; `micro` is for the unit test.
 SIZES = {
-    "micro": dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    "micro": dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
     "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
     "base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
 }
@@ -39,8 +39,8 @@ class Shape:
 
 
 def t5_config(size: str, plug: Optional[mta_lib.MTAConfig] = None, **changes) -> T5Config:
-    return T5Config(**SIZES[size], dropout_rate=0.1, feed_forward_proj="relu", ffn_plug=plug,
-                    **changes)
+    fields = {**SIZES[size], "dropout_rate": 0.1, "feed_forward_proj": "relu", **changes}
+    return T5Config(**fields, ffn_plug=plug)
 
 
 def stage_one_plug(**changes) -> mta_lib.MTAConfig:

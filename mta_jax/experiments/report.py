@@ -17,6 +17,7 @@ import numpy as np
 from mta_jax import plots
 
 BASELINE = "dense"
+NO_ROUTING = (BASELINE, "shared_adapter")  # their routing heatmaps say nothing: not copied
 
 
 def _last_eval(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -93,6 +94,7 @@ def aggregate(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[st
         stats = {t: _mean_std([r["scores"][t] for r in runs if t in r["scores"]]) for t in types}
         step_ms = [r["step_ms"] for r in runs if r["step_ms"] is not None]
         walls = [r["wall_seconds"] for r in runs if r["wall_seconds"] is not None]
+        final_loss = [r["loss_curve"][1][-1] for r in runs if r["loss_curve"][1]]
         out["variants"][variant] = {
             "seeds": sorted(by_seed),
             "scores": {t: {"mean": m, "std": s} for t, (m, s) in stats.items()},
@@ -101,6 +103,7 @@ def aggregate(records: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[st
             "steps": runs[0]["steps"],
             "step_ms": float(np.mean(step_ms)) if step_ms else None,
             "wall_seconds": float(np.mean(walls)) if walls else None,
+            "final_train_loss": float(np.mean(final_loss)) if final_loss else None,
         }
     v = out["variants"]
     scored = {k: s["scores"]["overall"] for k, s in v.items() if "overall" in s["scores"]}
@@ -132,22 +135,25 @@ def markdown(summary: Mapping[str, Any], *, header: str = "") -> str:
     types = sorted({t for s in v.values() for t in s["scores"] if t != "overall"})
     lines = [header] if header else []
     lines += ["| variant | " + " | ".join(types) + " | overall (mean ± std) | Δ vs dense | "
-              "trainable params (per stage) | total params | steps (per stage) | ms/step | wall s/run |",
-              "|" + "---|" * (len(types) + 8)]
+              "final train loss | trainable params (per stage) | total params | steps (per stage) | ms/step | "
+              "wall s/run |",
+              "|" + "---|" * (len(types) + 9)]
     for name, s in v.items():
         vs = s.get("vs_dense")
         delta = "–" if vs is None or name == BASELINE else \
             f"{vs['delta']:+.3f}" + (" *" if vs["beyond_seed_spread"] else "")
         step_ms = "–" if s["step_ms"] is None else f"{s['step_ms']:.0f}"
         wall = "–" if s["wall_seconds"] is None else f"{s['wall_seconds']:.0f}"
+        loss = "–" if s["final_train_loss"] is None else f"{s['final_train_loss']:.3f}"
         lines.append(f"| {name} | " + " | ".join(_fmt(s["scores"].get(t)) for t in types) +
-                     f" | **{_fmt(s['scores'].get('overall'))}** | {delta} | "
+                     f" | **{_fmt(s['scores'].get('overall'))}** | {delta} | {loss} | "
                      f"{_params(s['trainable_params'])} | {_params(s['total_params'])} | "
                      f"{' + '.join(str(n) for n in s['steps'].values())} | {step_ms} | {wall} |")
     n_seeds = max(len(s["seeds"]) for s in v.values())
     lines += ["", f"Scores: final evaluation, mean ± sample std over {n_seeds} seed(s). "
               "`*`: the difference to dense exceeds the sum of the two stds (the mean ± std "
-              "intervals do not overlap). ms/step: median logged window, eval excluded."]
+              "intervals do not overlap). Final train loss: the last logged window's token NLL, seed "
+              "mean. ms/step: median logged window, eval excluded."]
     if "winner" in summary:
         w = summary["winner"]
         ov = v[w]["scores"]["overall"]
@@ -182,7 +188,7 @@ def copy_routing(records: Mapping[str, Mapping[int, Mapping[str, Any]]], out_dir
     for variant, by_seed in records.items():
         for seed, r in sorted(by_seed.items()):
             for stage, src in r["routing_png"].items():
-                if src and variant != BASELINE:
+                if src and variant not in NO_ROUTING:
                     dst = os.path.join(out_dir, f"routing_{variant}_seed{seed}_{stage}.png")
                     shutil.copyfile(src, dst)
                     written.append(dst)
