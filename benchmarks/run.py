@@ -170,8 +170,10 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     torch_fns = {"torch_dense": torch_t5.train_step(hf_dense, batch),
                  "torch_mta": torch_t5.train_step(hf_mta, batch),
                  "torch_mta_loop": torch_t5.train_step(hf_loop, batch)}
+    for fn in torch_fns.values():  # PyTorch's first step allocates AdamW's state
+        fn()
     pool = {"dense": dense, "mta": mta, **var_steps, **torch_fns}
-    times = timing.interleaved(pool, plan.rounds)
+    times = timing.interleaved(pool, plan.rounds, warmup=0)
     raw[size]["pool_a"] = times
     flops = {k: F.train_flops(c, *dataclasses.astuple(shape)) for k, c in
              {"dense": dense_cfg, "mta": mta_cfg, **variants}.items()}

@@ -22,12 +22,13 @@ def get_config(arg: str = ""):
         m.feed_forward_proj, m.tie_word_embeddings, m.dropout_rate = "gated-gelu", False, 0.0
         config.mta.encoder_layers = config.mta.decoder_layers = "last"
         config.data.tokenizer = "byt5"
-        config.data.max_source_length = 256
-        config.data.max_target_length = 32
+        # Byte-level: SQuAD-style contexts need the full 512 bytes, questions up to 64.
+        config.data.max_source_length = 512
+        config.data.max_target_length = 64
         config.stage1.num_train_steps, config.stage2.num_train_steps = 200, 100
         config.stage1.learning_rate = config.stage2.learning_rate = 1e-3
         config.train.batch_size = 16
-        config.eval.decode, config.eval.max_decode_length, config.eval.batch_size = "greedy", 32, 50
+        config.eval.decode, config.eval.max_decode_length, config.eval.batch_size = "greedy", 64, 50
         config.data.eval_max_examples = 50
         config.checkpoint_every_steps = config.eval_every_steps = 100
         config.log_every_steps = 10

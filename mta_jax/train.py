@@ -421,7 +421,6 @@ def run_stage(config, workdir: str, stage: str, *, tokenizer, init_dir: str,
     pipeline = data_lib.build_train_pipeline(
         config.data, tokenizer=tokenizer, task_types=task_types,
         batch_size=config.train.batch_size, seed=config.seed)
-    logging.info("training data: %s", pipeline.report.summary())
     eval_set = data_lib.build_eval_set(config.data, tokenizer=tokenizer, task_types=task_types)
 
     # Resume or start.

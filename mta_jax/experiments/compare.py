@@ -92,8 +92,12 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     summary = report.aggregate(records)
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    header = (f"# Variant comparison\n\n{when}; {machine()}\n\n"
+    stamp = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+    when = stamp(time.time())
+    trained = stamp(max(os.path.getmtime(os.path.join(out, v, f"seed{s}", "summary.json"))
+                        for v in variant_names for s in range(num_seeds)))
+    header = (f"# Variant comparison\n\nLast run finished {trained}, report written {when}; "
+              f"{machine()}\n\n"
               + (f"Command: `{command}`\n\n" if command else "")
               + f"Batch {batch}; {steps or 'config'} steps per run; seeds 0..{num_seeds - 1}.\n")
     with open(os.path.join(out, "report.md"), "w") as f:
