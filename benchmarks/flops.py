@@ -22,8 +22,6 @@ form MFU is usually quoted in; the unit test checks both against a count written
 """
 from __future__ import annotations
 
-from typing import Optional
-
 
 def _ffn(tokens: int, d: int, f: int, gated: bool) -> int:
     """Forward FLOPs of one dense FFN on `tokens` rows."""
@@ -145,7 +143,7 @@ def model_flops_per_step(config, batch: int, source_length: int, target_length: 
             + 6 * p["lm_head"] * B * T + 3 * attention + 3 * extras)
 
 
-def peak_flops_per_second(device_kind: str, dtype: str = "bfloat16") -> Optional[float]:
+def peak_flops_per_second(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """Dense (no sparsity) peak of known accelerators; None when unknown (e.g. CPU)."""
     table = (  # vendor datasheets, dense tensor-core throughput; first match wins
         ("h100 pcie", "bfloat16", 756e12), ("h100", "bfloat16", 989e12),  # SXM

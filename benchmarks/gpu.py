@@ -22,15 +22,14 @@ import dataclasses
 import json
 import sys
 import time
-from typing import Optional
 
 
-def mfu(model_flops: float, seconds: float, peak: Optional[float]) -> Optional[float]:
+def mfu(model_flops: float, seconds: float, peak: float | None) -> float | None:
     """Model FLOPs utilisation: achieved model FLOP/s over the peak (None without a peak)."""
     return None if not peak else model_flops / seconds / peak
 
 
-def measure(name: str, config, shape, steps: int, peak: Optional[float]) -> dict:
+def measure(name: str, config, shape, steps: int, peak: float | None) -> dict:
     import jax
 
     from benchmarks import flops as F

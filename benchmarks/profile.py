@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

@@ -3,10 +3,10 @@
 Measures, on random T5 v1.0-shaped models (CPU unless JAX sees an accelerator), the cost of
 the MTA block against the same model without it, this JAX/Flax code against Hugging Face's
 PyTorch T5, stage two against stage one, decoding against `generate`, and how a step scales
-with adapters and source length. Every time figure is a ratio of medians of interleaved
+with adapters and source length. Every time figure is a median of per-round ratios of interleaved
 repetitions taken in one run (see timing.py): the machine may be shared.
 
-    --quick   T5-small, batch 4, source 128, target 32, 3 rounds, fewer scaling points;
+    --quick   T5-small, batch 4, source 128, target 32, 3-5 rounds, fewer scaling points;
               finishes in under 10 minutes on 2 cores (scaling points are skipped, and
               said so, when the time budget would be exceeded).
     (default) T5-small and T5-base, batch 4, source 512, target 64 (the released recipe).
@@ -26,7 +26,8 @@ import platform
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +36,18 @@ class Plan:
     batch: int
     source: int
     target: int
-    rounds: int
+    rounds: int  # timed rounds at most (at least `min_rounds`; more while the budget allows)
+    min_rounds: int
     adapters: tuple[int, ...]  # scaling points (5, the anchor, is always measured)
     sources: tuple[int, ...]  # scaling points (`source`, the anchor, is always measured)
-    budget_s: Optional[float]  # skip optional points that would not fit
+    budget_s: float | None  # skip optional points that would not fit
     dropout_rate: float = 0.1
 
 
 PLANS = {
-    "full": Plan(("small", "base"), 4, 512, 64, 5, (1, 2, 5, 10), (128, 256, 512), None),
-    "quick": Plan(("small",), 4, 128, 32, 3, (1, 5, 10), (64, 128), 540.0),
-    "micro": Plan(("micro",), 2, 16, 8, 3, (5,), (16,), None, dropout_rate=0.0),
+    "full": Plan(("small", "base"), 4, 512, 64, 7, 7, (1, 2, 5, 10), (128, 256, 512), None),
+    "quick": Plan(("small",), 4, 128, 32, 5, 3, (1, 5, 10), (64, 128), 550.0),
+    "micro": Plan(("micro",), 2, 16, 8, 3, 3, (5,), (16,), None, dropout_rate=0.0),
 }
 
 
@@ -64,7 +66,7 @@ class Target:
             return f"{self.value:.2f} +- {self.tol:.2f}"
         return f"{self.op} {self.value:g}"
 
-    def check(self, x: float) -> Optional[bool]:
+    def check(self, x: float) -> bool | None:
         if not self.op:
             return None
         return {"<=": x <= self.value, ">=": x >= self.value, "<": x < self.value,
@@ -84,12 +86,13 @@ class Report:
         row = {"size": size, "metric": metric, "value": float(value), "unit": unit,
                "target": str(target), "pass": ok, "shape": shape, **extra}
         self.rows.append(row)
-        print(f"  {metric} = {value:.4g}{unit} ({'info' if ok is None else 'pass' if ok else 'MISS'})",
-              flush=True)
+        verdict = "info" if ok is None else "pass" if ok else "MISS"
+        print(f"  {metric} = {value:.4g}{unit} ({verdict})", flush=True)
         return row
 
     def markdown(self) -> str:
-        lines = ["| metric | value | target | pass/miss | shape |", "| --- | --- | --- | --- | --- |"]
+        lines = ["| metric | value | target | pass/miss | shape |",
+                 "| --- | --- | --- | --- | --- |"]
         for r in self.rows:
             verdict = "info" if r["pass"] is None else "pass" if r["pass"] else "**miss**"
             v = r["value"]
@@ -102,7 +105,7 @@ class Report:
 # --------------------------------------------------------------------------- the suite
 
 class Clock:
-    def __init__(self, budget_s: Optional[float]):
+    def __init__(self, budget_s: float | None):
         self.start = time.perf_counter()
         self.budget_s = budget_s
 
@@ -112,10 +115,13 @@ class Clock:
     def fits(self, seconds: float) -> bool:
         return self.budget_s is None or self.elapsed() + seconds <= self.budget_s
 
+    def rounds_while(self, reserve: float):
+        """`interleaved(more=...)`: another round if it and `reserve` seconds still fit."""
+        return lambda last_round: self.fits(last_round + reserve)
+
 
 def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
              profiles: dict) -> None:
-    import jax
     import numpy as np
     import transformers
 
@@ -173,7 +179,13 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     for fn in torch_fns.values():  # PyTorch's first step allocates AdamW's state
         fn()
     pool = {"dense": dense, "mta": mta, **var_steps, **torch_fns}
-    times = timing.interleaved(pool, plan.rounds, warmup=0)
+    # Rounds past min_rounds only while the later phases still fit: stage two (two
+    # compilations, its rounds), decoding, and the scaling points (one compilation each).
+    n_scaling = len(set(plan.adapters) - {5}) + len(set(plan.sources) - {plan.source})
+    later = lambda compiles, seconds: clock.rounds_while(
+        (compiles + n_scaling) * max(compile_s) + seconds)
+    times = timing.interleaved(pool, plan.rounds, warmup=0, min_rounds=plan.min_rounds,
+                               more=later(2, 150))
     raw[size]["pool_a"] = times
     flops = {k: F.train_flops(c, *dataclasses.astuple(shape)) for k, c in
              {"dense": dense_cfg, "mta": mta_cfg, **variants}.items()}
@@ -217,7 +229,7 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     s2 = compiled("stage2", s2_cfg, trainable="mta")
     s2g = compiled("stage2_gather", s2g_cfg, trainable="mta")
     times = timing.interleaved({"stage1": mta, "stage2": s2, "stage2_gather": s2g}, plan.rounds,
-                               warmup=0)
+                               warmup=0, min_rounds=plan.min_rounds, more=later(0, 90))
     raw[size]["pool_b"] = times
     report.add(size, "stage2_over_stage1_step_time", timing.ratio(times, "stage2", "stage1"),
                Target("<", 1.0), s)
@@ -228,10 +240,9 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     gather_ratio = timing.ratio(times, "stage2_gather", "stage2")
     report.add(size, "stage2_topk_gather_over_dense_step_time", gather_ratio, INFO, s,
                faster="gather" if gather_ratio < 1.0 else "dense")
-    report.add(size, "stage2_topk_gather_over_dense_adapter_flops",
-               F.forward_flops(s2g_cfg, *dataclasses.astuple(shape), breakdown=True)[1]["ffn"]
-               / F.forward_flops(s2_cfg, *dataclasses.astuple(shape), breakdown=True)[1]["ffn"],
-               INFO, s)
+    report.add(size, "stage2_topk_gather_over_dense_forward_flops",
+               F.forward_flops(s2g_cfg, *dataclasses.astuple(shape))
+               / F.forward_flops(s2_cfg, *dataclasses.astuple(shape)), INFO, s)
     report.add(size, "stage2_gather_over_stage1_step_time",
                timing.ratio(times, "stage2_gather", "stage1"), INFO, s)
     del s2, s2g
@@ -244,7 +255,7 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     theirs = torch_t5.greedy_generate(hf_decode, batch, plan.target)
     agree = float(np.mean(ours() == theirs()))  # also compiles and warms both
     times = timing.interleaved({"jax_greedy": ours, "hf_generate": theirs}, plan.rounds + 2,
-                               warmup=0)
+                               warmup=0, min_rounds=plan.min_rounds, more=later(0, 50))
     raw[size]["decode"] = times
     row = report.add(size, "decode_speedup_vs_hf_generate",
                      timing.ratio(times, "hf_generate", "jax_greedy"), Target(">=", 2.0),
@@ -252,7 +263,8 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
                      jax_tokens_per_s=plan.batch * plan.target / timing.median(times["jax_greedy"]),
                      hf_tokens_per_s=plan.batch * plan.target / timing.median(times["hf_generate"]))
     if row["pass"] is False:
-        row["profile"] = {"jax_top": P.top(P.op_seconds(ours), 6)}
+        row["profile"] = profiles[size]["decode"] = {
+            "jax_top": P.top(P.op_seconds(ours), 6), "torch_top": torch_t5.top_ops(theirs, 6)}
     report.add(size, "decode_token_agreement", agree, INFO, s)
     del ours, theirs, hf_decode, dense_params
     gc.collect()
@@ -268,7 +280,7 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
     for kind, n in points:
         # Compiling it, then running it every round, judged from what was seen so far.
         grow = n / 5 if kind == "adapters" else n / plan.source
-        if not clock.fits(per_compile + plan.rounds * step_s * (1 + grow) + 30):
+        if not clock.fits(per_compile + plan.min_rounds * step_s * (1 + grow) + 30):
             skipped.append(f"{kind}_{n}")
             continue
         if kind == "adapters":
@@ -277,7 +289,8 @@ def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
             fns[f"{kind}_{n}"] = compiled(f"source_{n}", mta_cfg,
                                           W.Shape(plan.batch, n, plan.target))
     if len(fns) > 1:
-        times = timing.interleaved(fns, plan.rounds, warmup=0)
+        times = timing.interleaved(fns, plan.rounds, warmup=0, min_rounds=plan.min_rounds,
+                                   more=clock.rounds_while(20))
     else:  # nothing new to interleave: the anchor's pool-A times
         times = {"anchor": raw[size]["pool_a"]["mta"]}
     times["adapters_5"] = times[f"source_{plan.source}"] = times.pop("anchor")
@@ -330,18 +343,20 @@ def main(argv=None) -> dict:
     mode = "micro" if args.micro else "quick" if args.quick else "full"
     plan = PLANS[mode]
     if args.rounds:
-        plan = dataclasses.replace(plan, rounds=args.rounds)
+        plan = dataclasses.replace(plan, rounds=args.rounds,
+                                   min_rounds=min(plan.min_rounds, args.rounds))
     if args.budget_s >= 0:
         plan = dataclasses.replace(plan, budget_s=args.budget_s or None)
 
     from benchmarks import timing
     if mode == "micro":  # halves compile time; the micro run checks plumbing, not speed
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_backend_optimization_level=0")
     threads = timing.set_threads(args.threads)  # before JAX starts its CPU client
+    import flax
     import jax
     import torch
     import transformers
-    import flax
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -358,7 +373,7 @@ def main(argv=None) -> dict:
         metrics.setdefault(row["size"], {})[row["metric"]] = row
     results = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "mode": mode, "plan": dataclasses.asdict(plan), "machine": machine(),
             "threads": {"xla": threads, "torch": torch.get_num_threads()},
             "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "OMP_WAIT_POLICY")},
@@ -378,6 +393,11 @@ def main(argv=None) -> dict:
     print(f"{results['meta']['date']}, {results['meta']['machine']['cpu']}, {threads} threads "
           f"(XLA and PyTorch), {mode} mode, {runtime:.0f} s")
     print(report.markdown())
+    full = PLANS["full"]
+    if mode != "full":
+        print(f"\n{mode} mode: scaling points adapters {plan.adapters}, source lengths "
+              f"{plan.sources} (full mode: {full.adapters} and {full.sources}, at b{full.batch} "
+              f"s{full.source} t{full.target}, T5-small and T5-base).")
     skipped = {size: raw[size]["skipped"] for size in raw if raw[size].get("skipped")}
     if skipped:
         print(f"\nScaling points skipped to stay within the time budget: {skipped}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 
 def set_threads(n: int, omp_wait_policy: str = "PASSIVE") -> int:
@@ -34,24 +34,31 @@ def set_threads(n: int, omp_wait_policy: str = "PASSIVE") -> int:
     return n
 
 
-def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                min_rounds: int | None = None,
+                more: Callable[[float], bool] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each `fn` (which must block until its work is done).
 
     Each round calls every fn once; the order rotates from round to round so that no fn
-    always follows the same neighbour. `warmup` untimed rounds come first.
+    always follows the same neighbour. `warmup` untimed rounds come first. After
+    `min_rounds` rounds, another starts only if `more(seconds the last round took)`.
     """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
+    last = 0.0
     for r in range(rounds):
+        if min_rounds is not None and more is not None and r >= min_rounds and not more(last):
+            break
+        begin = time.perf_counter()
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
+        last = time.perf_counter() - begin
     return times
 
 
@@ -60,5 +67,6 @@ def median(values) -> float:
 
 
 def ratio(times: Mapping[str, list[float]], num: str, den: str) -> float:
-    """median(num) / median(den)."""
-    return median(times[num]) / median(times[den])
+    """The median over rounds of num / den, each pair timed in the same round: load that
+    changes from round to round (other jobs) cancels within a pair."""
+    return median([a / b for a, b in zip(times[num], times[den])])

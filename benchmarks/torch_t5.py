@@ -91,7 +91,7 @@ def patch_mta(hf_model, config, params, form: str = "vectorised"):
     config: our T5Config with an `ffn` MTAConfig plug (ReLU FFN); params: its parameter tree.
     """
     plug = config.ffn_plug
-    assert plug.adapter_kind == "ffn" and not config.is_gated, "the PyTorch side mirrors ReLU FFN adapters"
+    assert plug.adapter_kind == "ffn" and not config.is_gated, "mirrors ReLU FFN adapters only"
     assert plug.top_k is None and plug.num_shared_adapters == 0, "stage one only"
     cls = {"vectorised": VectorisedMTA, "loop": LoopMTA}[form]
     for stack, blocks in (("encoder", hf_model.encoder.block), ("decoder", hf_model.decoder.block)):
@@ -129,7 +129,7 @@ def train_step(hf_model, batch, learning_rate: float = 1e-4):
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return out.loss.detach().item()
 
     return step
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
@@ -22,9 +22,12 @@ from mta_jax.models.t5 import T5, T5Config
 
 # T5 v1.0 (ReLU FFN, head tied to the embedding) shapes; `micro` is for the unit test.
 SIZES = {
-    "micro": dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4),
-    "small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
-    "base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "micro": {"vocab_size": 128, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+              "num_heads": 4},
+    "small": {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6,
+              "num_heads": 8},
+    "base": {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 3072, "num_layers": 12,
+             "num_heads": 12},
 }
 
 
@@ -38,7 +41,7 @@ class Shape:
         return f"b{self.batch} s{self.source} t{self.target}"
 
 
-def t5_config(size: str, plug: Optional[mta_lib.MTAConfig] = None, **changes) -> T5Config:
+def t5_config(size: str, plug: mta_lib.MTAConfig | None = None, **changes) -> T5Config:
     fields = {**SIZES[size], "dropout_rate": 0.1, "feed_forward_proj": "relu", **changes}
     return T5Config(**fields, ffn_plug=plug)
 
@@ -89,10 +92,10 @@ def make_batch(config: T5Config, shape: Shape, seed: int = 0, num_task_types: in
     labels = rng.integers(2, config.vocab_size, (b, t), dtype=np.int32)
     dec = np.concatenate([np.full((b, 1), config.decoder_start_token_id, np.int32),
                           labels[:, :-1]], axis=1)
-    host = dict(input_ids=rng.integers(2, config.vocab_size, (b, s), dtype=np.int32),
-                attention_mask=np.ones((b, s), np.int32), decoder_input_ids=dec, labels=labels,
-                decoder_attention_mask=np.ones((b, t), np.int32),
-                task_ids=(np.arange(b) % num_task_types).astype(np.int32))
+    host = {"input_ids": rng.integers(2, config.vocab_size, (b, s), dtype=np.int32),
+            "attention_mask": np.ones((b, s), np.int32), "decoder_input_ids": dec,
+            "labels": labels, "decoder_attention_mask": np.ones((b, t), np.int32),
+            "task_ids": (np.arange(b) % num_task_types).astype(np.int32)}
     return {k: jnp.asarray(v) for k, v in host.items()}
 
 

@@ -35,8 +35,8 @@ flags.DEFINE_integer("seeds", 3, "Seeds per variant: config.seed = 0 .. seeds - 
 flags.DEFINE_list("variants", list(variants_lib.VARIANTS), "Variants to run, in report order.")
 flags.DEFINE_integer("steps", 0, "Optimizer steps per run, all stages together "
                      "(0: the config's stage1 + stage2 steps).")
-flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in OUT/.jax_cache: seeds of "
-                  "one variant share them.")
+flags.DEFINE_string("compilation_cache", "", "Folder for compiled programs, so that seeds of one "
+                    "variant (and later studies) reuse them: '' = OUT/.jax_cache, 'none' = off.")
 flags.mark_flags_as_required(["config", "out"])
 
 
@@ -104,7 +104,7 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
         f.write(report.markdown(summary, header=header))
         routing = report.copy_routing(records, out)
         loss = report.loss_plot(records, os.path.join(out, "loss_curves.png"))
-        f.write("\n" + (f"![loss curves](loss_curves.png)\n" if loss else ""))
+        f.write("\n" + ("![loss curves](loss_curves.png)\n" if loss else ""))
         for path in routing:
             f.write(f"![{os.path.basename(path)}]({os.path.basename(path)})\n")
     results = {"date": when, "machine": machine(), "command": command, "batch_size": batch,
@@ -124,9 +124,10 @@ def main(argv):
                    mta.MTAConfigError, checkpoint.CheckpointError, sharding.ShardingError)
     std_logging.getLogger("absl").addFilter(  # Orbax logs every file it writes at INFO
         lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
-    if FLAGS.compilation_cache:
+    if FLAGS.compilation_cache != "none":
         import jax
-        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.out, ".jax_cache"))
+        jax.config.update("jax_compilation_cache_dir",
+                          FLAGS.compilation_cache or os.path.join(FLAGS.out, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     command = "python -m mta_jax.experiments.compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

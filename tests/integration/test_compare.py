@@ -9,16 +9,24 @@ from tests.integration import tiny
 VARIANTS = ("dense", "switch_moe")
 
 
-def _command(out):
+def _env():
+    # Unoptimised XLA code compiles in half the time; at 10 steps compiling is the cost.
+    return {**tiny.env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+def _command(out, cache):
     overrides = {**tiny.OVERRIDES, "eval_every_steps": 100, "checkpoint_every_steps": 100}
     return [sys.executable, "-m", "mta_jax.experiments.compare", "--config=configs/demo.py",
             f"--out={out}", "--seeds=1", f"--variants={','.join(VARIANTS)}", "--steps=10",
-            *(f"--config.{k}={v}" for k, v in overrides.items())]
+            f"--compilation_cache={cache}", *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
-def test_compare_writes_report_results_and_plots(tmp_path):
+def test_compare_writes_report_results_and_plots(tmp_path, request):
     out = tmp_path / "study"
-    proc = subprocess.run(_command(out), cwd=tiny.ROOT, env=tiny.env(), capture_output=True,
+    # Compiled programs persist between test sessions (.pytest_cache): reruns take seconds.
+    store = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    cache = store.mkdir("compare_xla") if store else tmp_path / "xla"
+    proc = subprocess.run(_command(out, cache), cwd=tiny.ROOT, env=_env(), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -45,7 +53,7 @@ def test_compare_writes_report_results_and_plots(tmp_path):
     assert all(r["aux_loss"] > 0 for r in rows)
 
     # Resume-friendly: a second call finds every summary.json and trains nothing.
-    again = subprocess.run(_command(out), cwd=tiny.ROOT, env=tiny.env(), capture_output=True,
+    again = subprocess.run(_command(out, cache), cwd=tiny.ROOT, env=_env(), capture_output=True,
                            text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "finished earlier, skipped" in again.stderr
