@@ -32,7 +32,8 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.seed = 42  # parameter init, dropout and data order
     config.stages = ("stage1", "stage2")  # stages to run, in order
-    config.variant = "mta"  # FFN variant: mta | dense | shared_adapter | switch_moe | task_moe
+    # FFN variant: mta | mta_stage1 | dense | shared_adapter | switch_moe | task_moe
+    config.variant = "mta"
     config.init_from = "t5-base"  # Hugging Face folder or hub name; "" = random init from config.model
 
     m = config.model = ml_collections.ConfigDict()  # used when init_from is "" (random init)

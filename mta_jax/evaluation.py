@@ -73,7 +73,7 @@ class Evaluator:
         plots.routing_heatmap(
             total[seen] / count[seen][:, None], [t for t, s in zip(self.task_types, seen) if s],
             os.path.join(self.out_dir, f"routing_{step}.png"),
-            title=f"{self.name} step {step}: adapter weights per task (mean of {blocks} MTA blocks)")
+            title=f"{self.name} step {step}: routing weights per task (mean of {blocks} routed blocks)")
 
 
 def write_predictions(path: str, examples: Sequence[dict], preds: Sequence[str]) -> None:

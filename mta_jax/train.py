@@ -98,9 +98,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             and not config.init_from.count("/") == 1:
         _fail("init_from", "an existing Hugging Face folder or a hub name such as 't5-base'",
               config.init_from)
-    if config.mta.enabled:
-        for stage in stages:
-            mta_config(config, stage)  # MTAConfigError names the mta field
+    for stage in stages:
+        variants.ffn_plug(config, stage)  # MTAConfigError names the mta / moe field
     data_lib.validate_data_config(config.data)
     if config.data.source == "jsonl":
         for field in ("train_path", "eval_path"):
@@ -190,6 +189,15 @@ def _router_metrics(router: Mapping) -> dict[str, jax.Array]:
             out[key] = w
             if name == "adapter_weights":
                 out["router/confidence"] = jnp.mean(jnp.stack([jnp.mean(jnp.max(v, -1)) for v in values]))
+    # Scalar statistics a plug sows (Switch MoE: load_balancing_loss, router_z_loss,
+    # fraction_tokens_left_behind, ...): logged as router/<name>, averaged over the layers.
+    scalars: dict[str, list] = {}
+    for k, v in flat.items():
+        v = v[0] if isinstance(v, tuple) else v
+        if jnp.ndim(v) == 0:
+            scalars.setdefault(k[-1], []).append(v)
+    for name, values in scalars.items():
+        out.setdefault(f"router/{name}", jnp.mean(jnp.stack(values)))
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import logging as std_logging
 import os
 import platform
 import shlex
@@ -117,13 +116,9 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mta_jax import checkpoint, data, hf, sharding, train
-    from mta_jax.models import mta
-    # mta_jax.main defines --config too, so it cannot be imported here: its list, repeated.
-    user_errors = (train.ConfigError, data.DataError, hf.CheckpointFormatError,
-                   mta.MTAConfigError, checkpoint.CheckpointError, sharding.ShardingError)
-    std_logging.getLogger("absl").addFilter(  # Orbax logs every file it writes at INFO
-        lambda r: r.levelno >= std_logging.WARNING or "/orbax/" not in r.pathname)
+    from mta_jax import cli
+    user_errors = cli.user_errors()
+    cli.quiet_libraries()
     if FLAGS.compilation_cache != "none":
         import jax
         jax.config.update("jax_compilation_cache_dir",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional, Protocol
+from typing import Any, Mapping, NamedTuple, Optional, Protocol
 
 import flax.linen as nn
 import jax
@@ -46,10 +46,21 @@ class FfnPlug(Protocol):
 
     name: str  # module name: its parameters live under `<stack>/layers_<i>/<name>`
     replaces_dense: bool  # False: the dense FFN stays and the plug's output is added to it
+    # What training, evaluation and prediction read from a plug:
+    selector: str  # how it routes: "task" (needs task ids), "start_token", "token", ...
+    task_types: tuple[str, ...]  # task id i is task_types[i]; rows of the routing heatmap
+    num_adapters: int  # columns of the routing heatmap (adapters, experts)
 
     def applies_to(self, stack: str, layer: int, num_layers: int) -> bool: ...
 
+    def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]: ...
+
+    def validate(self, config: "T5Config") -> None: ...  # raise on a placement the stack lacks
+
     def make(self, config: "T5Config", stack: str, layer: int, name: str) -> nn.Module: ...
+
+    # Flat parameters with the plug's modules filled from the pretrained FFN (hf.py).
+    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict: ...
 
 
 class FfnContext(NamedTuple):

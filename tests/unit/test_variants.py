@@ -59,6 +59,16 @@ def test_every_variant_builds_and_keeps_shapes(variant):
     if variant == "switch_moe":
         losses = _flat(state["losses"])
         assert len(losses) == 4  # two losses in each of two MoE blocks
+        # Training logs every scalar router statistic, averaged over the MoE blocks.
+        metrics = train._router_metrics(state["router"])
+        router = _flat(state["router"])
+        balance = [v[0] for k, v in router.items() if k.endswith("/load_balancing_loss")]
+        assert len(balance) == 2
+        np.testing.assert_allclose(metrics["router/load_balancing_loss"], np.mean(balance),
+                                   rtol=1e-6)
+        assert {"router/router_z_loss", "router/fraction_tokens_left_behind",
+                "router/expert_usage", "router/router_confidence"} <= set(metrics)
+        assert metrics["router/adapter_usage"].shape == (5,)
 
 
 def test_stage_two_only_for_mta():
