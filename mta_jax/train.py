@@ -129,7 +129,9 @@ def mta_config(config, stage: str) -> Optional[mta_lib.MTAConfig]:
         encoder_layers=_layers(t.encoder_layers), decoder_layers=_layers(t.decoder_layers),
         selector=t.selector, temperature=t.temperature, init_base=t.init_base,
         init_bias=t.init_bias, top_k=t.top_k if stage_two else None,
-        renormalize=t.renormalize, num_shared_adapters=t.num_shared_adapters if stage_two else 0,
+        renormalize=t.renormalize,
+        topk_compute=t.get("topk_compute", "dense"),  # absent from workdirs before 2026-11-22
+        num_shared_adapters=t.num_shared_adapters if stage_two else 0,
         gate_hidden_dim=t.gate_hidden_dim, task_types=tuple(t.task_types),
         selector_loss_weight=t.selector_loss_weight)
 

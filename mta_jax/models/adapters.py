@@ -22,7 +22,6 @@ from mta_jax.models import t5 as t5_lib
 @dataclasses.dataclass(frozen=True)
 class SharedAdapterConfig(moe_lib.Placement):
     adapter_dim: int = 384  # bottleneck width
-    task_types: tuple[str, ...] = mta_lib.TASK_TYPES  # rows of the (trivial) routing heatmap
     name: str = "shared_adapter"
     replaces_dense = False  # the pretrained FFN stays; the adapter's output is added to it
     selector = "none"  # no routing
@@ -30,7 +29,6 @@ class SharedAdapterConfig(moe_lib.Placement):
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "task_types", tuple(self.task_types))
         if self.adapter_dim < 1:
             raise mta_lib.MTAConfigError(f"moe.adapter_dim must be >= 1; got {self.adapter_dim!r}")
 

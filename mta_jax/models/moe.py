@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -34,7 +34,7 @@ from mta_jax.models import mta as mta_lib
 from mta_jax.models import t5 as t5_lib
 
 Array = jax.Array
-LayerSpec = Union[str, Sequence[int]]  # "all" | "last" | "none" | block indices
+LayerSpec = mta_lib.LayerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,29 +46,14 @@ class Placement:
 
     encoder_layers: LayerSpec = "last"
     decoder_layers: LayerSpec = "last"
+    task_types: tuple[str, ...] = mta_lib.TASK_TYPES  # task id i is task_types[i]
 
     def __post_init__(self):
-        for stack in ("encoder", "decoder"):
-            spec = getattr(self, f"{stack}_layers")
-            if isinstance(spec, str):
-                if spec not in ("all", "last", "none"):
-                    _fail(f"{stack}_layers", "'all', 'last', 'none' or a list of block indices", spec)
-            else:
-                object.__setattr__(self, f"{stack}_layers", tuple(int(i) for i in spec))
+        mta_lib.normalize_placement(self)
+        object.__setattr__(self, "task_types", tuple(self.task_types))
 
     def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]:
-        spec = getattr(self, f"{stack}_layers")
-        if spec == "all":
-            return tuple(range(num_layers))
-        if spec == "last":
-            return (num_layers - 1,)
-        if spec == "none":
-            return ()
-        bad = [i for i in spec if not -num_layers <= i < num_layers]
-        if bad:
-            _fail(f"{stack}_layers", f"block indices in [-{num_layers}, {num_layers - 1}] "
-                  f"(the {stack} has {num_layers} blocks)", spec)
-        return tuple(sorted({i % num_layers for i in spec}))
+        return mta_lib.layer_indices(getattr(self, f"{stack}_layers"), stack, num_layers)
 
     def applies_to(self, stack: str, layer: int, num_layers: int) -> bool:
         return layer in self.layer_indices(stack, num_layers)
@@ -76,10 +61,6 @@ class Placement:
     def validate(self, config: t5_lib.T5Config) -> None:
         self.layer_indices("encoder", config.num_layers)
         self.layer_indices("decoder", config.n_decoder_layers)
-
-
-def _fail(field: str, rule: str, value: Any):
-    raise mta_lib.MTAConfigError(f"mta.{field} must be {rule}; got {value!r}")
 
 
 def _check(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -182,22 +163,29 @@ def top1_dispatch(probs: Array, capacity: int) -> tuple[Array, Array, Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SwitchConfig(Placement):
+class ExpertPlacement(Placement):
+    """A plug whose FFN experts replace the dense FFN and start as copies of it on import."""
+
+    name: str = "moe"
+    replaces_dense = True
+
+    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict:
+        return copy_pretrained_ffn(flat, backbone, self.name, "experts")
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchConfig(ExpertPlacement):
     num_experts: int = 5
     capacity_factor: float = 1.25  # training: expert slots = ceil(factor * tokens / E) per group
     eval_capacity_factor: float = 2.0  # the same when deterministic (evaluation, decoding)
     load_balance_weight: float = 0.01  # Switch's alpha
     z_loss_weight: float = 1e-3  # ST-MoE's router z-loss coefficient
     router_init_std: float = 0.02  # flaxformer's router kernel initialisation
-    task_types: tuple[str, ...] = mta_lib.TASK_TYPES  # rows of the per-task routing heatmap
-    name: str = "moe"
     # The FfnPlug protocol, and what train.py / evaluation.py read from a plug.
-    replaces_dense = True
     selector = "token"  # routes on each token's hidden state: needs no task id
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "task_types", tuple(self.task_types))
         _check(self.num_experts >= 1, "num_experts", ">= 1", self.num_experts)
         for field in ("capacity_factor", "eval_capacity_factor"):
             _check(getattr(self, field) > 0, field, "> 0", getattr(self, field))
@@ -210,9 +198,6 @@ class SwitchConfig(Placement):
 
     def make(self, config: t5_lib.T5Config, stack: str, layer: int, name: str) -> nn.Module:
         return SwitchMoE(config, self, name=name)
-
-    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict:
-        return copy_pretrained_ffn(flat, backbone, self.name, "experts")
 
 
 class SwitchMoE(nn.Module):
@@ -259,15 +244,11 @@ class SwitchMoE(nn.Module):
 # ----------------------------------------------------------------------------- task-level
 
 @dataclasses.dataclass(frozen=True)
-class TaskMoEConfig(Placement):
-    task_types: tuple[str, ...] = mta_lib.TASK_TYPES  # one expert per task type, in this order
-    name: str = "moe"
-    replaces_dense = True
+class TaskMoEConfig(ExpertPlacement):  # one expert per task type, in task_types' order
     selector = "task"  # reads task_ids: train.py checks them against task_types host-side
 
     def __post_init__(self):
         super().__post_init__()
-        object.__setattr__(self, "task_types", tuple(self.task_types))
         _check(len(self.task_types) >= 1, "task_types", "non-empty", self.task_types)
 
     @property
@@ -276,9 +257,6 @@ class TaskMoEConfig(Placement):
 
     def make(self, config: t5_lib.T5Config, stack: str, layer: int, name: str) -> nn.Module:
         return TaskMoE(config, self, name=name)
-
-    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict:
-        return copy_pretrained_ffn(flat, backbone, self.name, "experts")
 
 
 class TaskMoE(nn.Module):

@@ -54,10 +54,7 @@ class MTAConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "task_types", tuple(self.task_types))
-        for stack in ("encoder", "decoder"):
-            spec = getattr(self, f"{stack}_layers")
-            if not isinstance(spec, str):
-                object.__setattr__(self, f"{stack}_layers", tuple(int(i) for i in spec))
+        normalize_placement(self)
         check = lambda ok, field, rule: None if ok else _fail(field, rule, getattr(self, field))
         check(self.num_adapters >= 1, "num_adapters", ">= 1")
         check(self.adapter_kind in ("ffn", "bottleneck"), "adapter_kind", "'ffn' or 'bottleneck'")
@@ -71,10 +68,6 @@ class MTAConfig:
         check(self.gate_hidden_dim > 0, "gate_hidden_dim", "> 0")
         check(len(self.task_types) >= 1 and len(set(self.task_types)) == len(self.task_types),
               "task_types", "a non-empty list of distinct names")
-        for stack in ("encoder", "decoder"):
-            spec = getattr(self, f"{stack}_layers")
-            if isinstance(spec, str) and spec not in ("all", "last", "none"):
-                _fail(f"{stack}_layers", "'all', 'last', 'none' or a list of block indices", spec)
 
     # ---- the FfnPlug protocol of models.t5
     @property
@@ -82,20 +75,7 @@ class MTAConfig:
         return self.adapter_kind == "ffn"
 
     def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]:
-        spec = getattr(self, f"{stack}_layers")
-        if spec == "all":
-            return tuple(range(num_layers))
-        if spec == "last":
-            return (num_layers - 1,)
-        if spec == "none":
-            return ()
-        out = []
-        for i in spec:
-            if not -num_layers <= i < num_layers:
-                _fail(f"{stack}_layers", f"block indices in [-{num_layers}, {num_layers - 1}] "
-                      f"(the {stack} has {num_layers} blocks)", spec)
-            out.append(i % num_layers)
-        return tuple(sorted(set(out)))
+        return layer_indices(getattr(self, f"{stack}_layers"), stack, num_layers)
 
     def applies_to(self, stack: str, layer: int, num_layers: int) -> bool:
         return layer in self.layer_indices(stack, num_layers)
@@ -139,6 +119,32 @@ class MTAConfig:
 
 def _fail(field: str, rule: str, value: Any):
     raise MTAConfigError(f"mta.{field} must be {rule}; got {value!r}")
+
+
+def normalize_placement(plug) -> None:
+    """Checks a frozen plug's `encoder_layers` / `decoder_layers`; index lists become tuples."""
+    for stack in ("encoder", "decoder"):
+        spec = getattr(plug, f"{stack}_layers")
+        if isinstance(spec, str):
+            if spec not in ("all", "last", "none"):
+                _fail(f"{stack}_layers", "'all', 'last', 'none' or a list of block indices", spec)
+        else:
+            object.__setattr__(plug, f"{stack}_layers", tuple(int(i) for i in spec))
+
+
+def layer_indices(spec: LayerSpec, stack: str, num_layers: int) -> tuple[int, ...]:
+    """The sorted block indices a placement names in a stack of `num_layers` blocks."""
+    if spec == "all":
+        return tuple(range(num_layers))
+    if spec == "last":
+        return (num_layers - 1,)
+    if spec == "none":
+        return ()
+    bad = [i for i in spec if not -num_layers <= i < num_layers]
+    if bad:
+        _fail(f"{stack}_layers", f"block indices in [-{num_layers}, {num_layers - 1}] "
+              f"(the {stack} has {num_layers} blocks)", spec)
+    return tuple(sorted({i % num_layers for i in spec}))
 
 
 def check_task_ids(task_ids, mta: MTAConfig) -> None:

@@ -71,6 +71,16 @@ def test_every_variant_builds_and_keeps_shapes(variant):
         assert metrics["router/adapter_usage"].shape == (5,)
 
 
+def test_stage_two_plug_reads_topk_fields():
+    config = _config("mta")
+    config.mta.top_k, config.mta.topk_compute = 3, "gather"
+    plug = variants.ffn_plug(config, "stage2")
+    assert (plug.top_k, plug.topk_compute, plug.num_shared_adapters) == (3, "gather", 1)
+    config.mta.topk_compute = "sparse"
+    with pytest.raises(mta.MTAConfigError, match=r"mta\.topk_compute must be 'dense' or 'gather'"):
+        train.validate_config(config)
+
+
 def test_stage_two_only_for_mta():
     config = _config("switch_moe")
     config.stages = ("stage1", "stage2")
