@@ -80,8 +80,11 @@ def routing_heatmap(weights: np.ndarray, task_names: Sequence[str], path: str,
 
 
 def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str,
-                title: Optional[str] = None, ylabel: str = "loss") -> str:
-    """One line per named (steps, values) curve, with a legend; returns `path`."""
+                title: Optional[str] = None, ylabel: str = "loss", log_y: bool = False) -> str:
+    """One line per named (steps, values) curve, with a legend; returns `path`.
+
+    `log_y`: logarithmic loss axis, so that curves which differ late (after the first steps'
+    steep fall) stay apart."""
     if not curves:
         raise ValueError("loss_curves: no curves given")
     fig = _new_figure(7.0, 4.5)
@@ -94,6 +97,8 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
         ax.plot(steps, values, label=str(name), marker="o" if steps.size < 20 else None, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
     if title:

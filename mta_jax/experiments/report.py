@@ -178,8 +178,10 @@ def loss_plot(records: Mapping[str, Mapping[int, Mapping[str, Any]]], path: str)
             continue
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         curves[variant] = (steps, [float(np.mean([c[s] for c in per_seed])) for s in steps])
-    return plots.loss_curves(curves, path, title="training loss (seed mean); MTA: stage 1 then 2") \
-        if curves else None
+    if not curves:
+        return None
+    return plots.loss_curves(curves, path, title="training loss (seed mean); MTA: stage 1 then 2",
+                             log_y=True)
 
 
 def copy_routing(records: Mapping[str, Mapping[int, Mapping[str, Any]]], out_dir: str) -> list[str]:

@@ -80,6 +80,23 @@ def test_mfu_uses_the_formula_and_the_device_peak():
     assert gpu.mfu(63744, 1e-6, None) is None
 
 
+def test_gpu_script_runs_on_cpu(tmp_path):
+    """benchmarks/gpu.py end to end at the micro size: both rows, the formula's FLOPs, no MFU
+    on a device without a known peak."""
+    from benchmarks import gpu
+    from benchmarks import workloads as W
+    out = tmp_path / "gpu.json"
+    result = gpu.main(["--size", "micro", "--batch", "2", "--source", "8", "--target", "4",
+                       "--steps", "2", "--dtype", "float32", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"][1]["name"] == "mta"
+    assert [r["name"] for r in result["rows"]] == ["dense", "mta"]
+    for row, plug in zip(result["rows"], (None, W.stage_one_plug())):
+        config = W.t5_config("micro", plug, dtype="float32")
+        assert row["model_flops"] == F.model_flops_per_step(config, 2, 8, 4)
+        assert row["mfu"] is None and row["pass"] is None and math.isfinite(row["loss"])
+    assert result["rows"][1]["model_flops"] > result["rows"][0]["model_flops"]
+
+
 TINY = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
                 dropout_rate=0.0)
 

@@ -89,3 +89,13 @@ def test_gpu_runs_main_with_data_parallel_mesh(fake_tools):
                          "--config.mesh.data=-1 --config.seed=1")
     proc = run("launch/gpu.sh", "--dry-run", env={**env, "XLA_FLAGS": "--mine=1"})
     assert "XLA_FLAGS=--mine=1 --xla_gpu_enable_latency_hiding_scheduler=true" in proc.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run's last line is the README's test command after its venv set-up, verbatim."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci_command = f.read().strip().splitlines()[-1]
+    assert ci_command == "pip install -q -e '.[test]' && python -m pytest"
+    assert f". .venv/bin/activate && {ci_command}\n" in readme
