@@ -1,12 +1,13 @@
-"""The compare command, shrunk: 2 variants x 1 seed x 10 steps, the real train_and_evaluate."""
+"""The compare command, shrunk: every variant x 1 seed x 10 steps, the real train_and_evaluate."""
 import json
 import os
 import subprocess
 import sys
 
+from mta_jax.models.variants import VARIANTS
 from tests.integration import tiny
 
-VARIANTS = ("dense", "switch_moe")
+ROUTED = ("switch_moe", "task_moe", "mta_stage1", "mta")  # the others have no routing heatmap
 
 
 def _env():
@@ -27,7 +28,7 @@ def test_compare_writes_report_results_and_plots(tmp_path, request):
     store = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     cache = store.mkdir("compare_xla") if store else tmp_path / "xla"
     proc = subprocess.run(_command(out, cache), cwd=tiny.ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     report = (out / "report.md").read_text()
@@ -35,18 +36,30 @@ def test_compare_writes_report_results_and_plots(tmp_path, request):
     assert [r.split("|")[1].strip() for r in rows] == list(VARIANTS)
     assert "Winner:" in report
     assert (out / "loss_curves.png").stat().st_size > 1000
-    # switch_moe sows per-example router probabilities: evaluation draws its routing heatmap.
-    assert (out / "routing_switch_moe_seed0_stage1.png").exists()
+    # Routed variants sow per-example weights: evaluation draws their heatmaps, one per stage.
+    heatmaps = sorted(p.name for p in out.glob("routing_*.png"))
+    assert heatmaps == sorted([f"routing_{v}_seed0_stage1.png" for v in ROUTED]
+                              + ["routing_mta_seed0_stage2.png"])
+    assert all(f"![{name}]({name})" in report for name in heatmaps)
 
     results = json.loads((out / "results.json").read_text())
     for variant in VARIANTS:
         summary = results["variants"][variant]
-        assert summary["steps"] == {"stage1": 10}
+        assert sum(summary["steps"].values()) == 10  # equal budget
         assert 0.0 <= summary["scores"]["overall"]["mean"] <= 1.0
         assert os.path.exists(out / variant / "seed0" / "summary.json")
-    dense, switch = (results["variants"][v]["trainable_params"]["stage1"] for v in VARIANTS)
-    # d_model 32, gated FFN of width 64 in one block per stack: 4 more FFN copies and a router.
-    assert switch - dense == 2 * (4 * 3 * 32 * 64 + 32 * 5)
+    # MTA splits the budget in the config's stage ratio: tiny.OVERRIDES' 12 : 6 -> 7 + 3.
+    assert results["variants"]["mta"]["steps"] == {"stage1": 7, "stage2": 3}
+    trained = {v: results["variants"][v]["trainable_params"] for v in VARIANTS}
+    dense = trained["dense"]["stage1"]
+    # d_model 32, gated FFN of width 64 (3 matrices), one plugged block per stack.
+    ffn = 3 * 32 * 64
+    assert trained["shared_adapter"]["stage1"] - dense == 2 * (2 * 32 * 384)  # wi + wo, width 384
+    assert trained["switch_moe"]["stage1"] - dense == 2 * (4 * ffn + 32 * 5)  # 4 more + router
+    assert trained["task_moe"]["stage1"] - dense == 2 * (4 * ffn)  # 5 task types, 5 experts
+    assert trained["mta_stage1"]["stage1"] - dense == 2 * (4 * ffn + 5 * 5)  # + selector table
+    assert trained["mta"]["stage1"] == trained["mta_stage1"]["stage1"]
+    assert trained["mta"]["stage2"] < trained["mta"]["stage1"]  # the backbone is frozen
     # Switch's auxiliary losses reached the train step's loss.
     rows = [json.loads(line) for line in
             open(out / "switch_moe" / "seed0" / "stage1" / "metrics.jsonl") if "aux_loss" in line]
