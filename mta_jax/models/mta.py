@@ -148,7 +148,7 @@ def layer_indices(spec: LayerSpec, stack: str, num_layers: int) -> tuple[int, ..
 
 
 def check_task_ids(task_ids, mta: MTAConfig) -> None:
-    """Host-side check of a batch's task ids (inside jit an out-of-range id gives NaN)."""
+    """Host-side check of a batch's task ids (inside jit an out-of-range id gives NaN weights)."""
     ids = np.asarray(task_ids)
     bad = ids[(ids < 0) | (ids >= len(mta.task_types))]
     if bad.size:
