@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 
@@ -29,10 +30,33 @@ def mfu(model_flops: float, seconds: float, peak: float | None) -> float | None:
     return None if not peak else model_flops / seconds / peak
 
 
-def measure(name: str, config, shape, steps: int, peak: float | None) -> dict:
+_HOST = re.compile(r"PJRT|command_buffer|cuGraphLaunch|XLA GPU module|^jit_|Thunk|cuda", re.I)
+_MATMUL = re.compile(r"gemm|nvjet|cutlass|cublas|(^|_)dot", re.I)
+
+
+def by_kernel_kind(ops: dict[str, float]) -> dict[str, float]:
+    """Kernel names with their numbering stripped (`fusion_8348` -> `fusion`); host-side
+    events (launches, command buffers, the executable's span) summed as `(host)`."""
+    out: dict[str, float] = {}
+    for k, v in ops.items():
+        kind = "(host)" if _HOST.search(k) else re.sub(r"[._]\d+$", "", k)
+        out[kind] = out.get(kind, 0.0) + v
+    return out
+
+
+def kernel_classes(ops: dict[str, float]) -> dict[str, float]:
+    """Device kernel seconds per step: matrix products vs everything else."""
+    kinds = {k: v for k, v in by_kernel_kind(ops).items() if k != "(host)"}
+    mm = sum(v for k, v in kinds.items() if _MATMUL.search(k))
+    return {"matmul": mm, "other": sum(kinds.values()) - mm}
+
+
+def measure(name: str, config, shape, steps: int, peak: float | None,
+            profile: bool = False) -> dict:
     import jax
 
     from benchmarks import flops as F
+    from benchmarks import profile as P
     from benchmarks import workloads as W
 
     step = W.train_step(name, config, shape)
@@ -47,12 +71,27 @@ def measure(name: str, config, shape, steps: int, peak: float | None) -> dict:
     seconds = (time.perf_counter() - start) / steps
     model_flops = F.model_flops_per_step(config, shape.batch, shape.source, shape.target)
     util = mfu(model_flops, seconds, peak)
+    kernels = classes = None
+    if profile:  # where the step's time goes, by XLA kernel kind (numbers stripped)
+        state = {"p": params, "o": opt_state}
+
+        def one_step():
+            state["p"], state["o"], m = step.compiled(state["p"], state["o"], step.batch, step.rng)
+            jax.block_until_ready(m)
+        ops = P.op_seconds(one_step, repeats=3)
+        kernels = P.top({k: v for k, v in by_kernel_kind(ops).items() if k != "(host)"}, n=15)
+        for kind, sec, share in kernels:
+            print(f"  {name} {kind}: {sec * 1e3:.2f} ms ({100 * share:.1f}%)", flush=True)
+        classes = kernel_classes(ops)
+        print(f"  {name} kernel time by class (ms/step): "
+              + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in classes.items()), flush=True)
     return {"name": name, "step_s": seconds, "model_flops": model_flops,
             "model_tflops_per_s": model_flops / seconds / 1e12, "mfu": util,
             "target_mfu": 0.45, "pass": None if util is None else util >= 0.45,
             "tokens_per_s": shape.batch * (shape.source + shape.target) / seconds,
             "compile_s": step.compile_seconds, "loss": float(metrics["loss"]),
-            "memory": step.memory()}
+            "memory": step.memory(), "profile_top": kernels,
+            "kernel_classes": classes}
 
 
 def main(argv=None) -> dict:
@@ -64,6 +103,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", default="bfloat16", help="computation dtype")
     p.add_argument("--out", default="gpu.json")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace 3 steps and print the 15 largest kernel kinds")
     args = p.parse_args(argv)
 
     import jax
@@ -77,7 +118,7 @@ def main(argv=None) -> dict:
     rows = []
     for name, plug in (("dense", None), ("mta", W.stage_one_plug())):
         config = W.t5_config(args.size, plug, dtype=args.dtype)
-        row = measure(name, config, shape, args.steps, peak)
+        row = measure(name, config, shape, args.steps, peak, profile=args.profile)
         rows.append(row)
         util = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         print(f"{name}: {row['step_s'] * 1e3:.1f} ms/step, "

@@ -102,8 +102,7 @@ class ExpertFFNs(nn.Module):
             init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
             kernel = self.param(name, init, (self.num,) + shape, pdt).astype(dt)
             # Out-of-range ids give NaN weights (loud under jit); train.py names them host-side.
-            return kernel if expert_ids is None else jnp.take(
-                kernel, expert_ids, axis=0, mode="fill", fill_value=jnp.nan)
+            return kernel if expert_ids is None else mta_lib.take_or_nan(kernel, expert_ids)
 
         w_in = lambda name: w(name, (c.d_model, c.d_ff), ("adapter", "embed", "mlp"), c.d_model ** -0.5)
         w_out = w("wo", (c.d_ff, c.d_model), ("adapter", "mlp", "embed"), c.d_ff ** -0.5)

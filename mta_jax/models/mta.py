@@ -121,6 +121,18 @@ def _fail(field: str, rule: str, value: Any):
     raise MTAConfigError(f"mta.{field} must be {rule}; got {value!r}")
 
 
+def take_or_nan(table: Array, ids: Array) -> Array:
+    """table[ids] along axis 0, NaN rows where an id is out of range.
+
+    Written as clip + where rather than `jnp.take(mode="fill")`: on XLA CPU (jax 0.10.2) the
+    fill form gave a finite garbage row for an out-of-range id in some runs.
+    """
+    ids = jnp.asarray(ids)
+    valid = (ids >= 0) & (ids < table.shape[0])
+    rows = jnp.take(table, jnp.clip(ids, 0, table.shape[0] - 1), axis=0)
+    return jnp.where(valid.reshape(valid.shape + (1,) * (rows.ndim - ids.ndim)), rows, jnp.nan)
+
+
 def normalize_placement(plug) -> None:
     """Checks a frozen plug's `encoder_layers` / `decoder_layers`; index lists become tuples."""
     for stack in ("encoder", "decoder"):
@@ -148,7 +160,7 @@ def layer_indices(spec: LayerSpec, stack: str, num_layers: int) -> tuple[int, ..
 
 
 def check_task_ids(task_ids, mta: MTAConfig) -> None:
-    """Host-side check of a batch's task ids (inside jit an out-of-range id gives NaN weights)."""
+    """Host-side check of a batch's task ids (inside jit an out-of-range id gives NaN logits)."""
     ids = np.asarray(task_ids)
     bad = ids[(ids < 0) | (ids >= len(mta.task_types))]
     if bad.size:
@@ -238,8 +250,9 @@ class Selector(nn.Module):
                 "logits", nn.with_logical_partitioning(
                     lambda *_: jnp.asarray(m.initial_logits()), ("task", "adapter")),
                 (len(m.task_types), m.num_adapters), jnp.float32)
-            # Out-of-range ids give NaN weights (loud under jit); check_task_ids names them.
-            return jnp.take(table, task_ids, axis=0, mode="fill", fill_value=jnp.nan)
+            # Out-of-range ids give NaN logit rows under jit; check_task_ids names them on the
+            # host before a step (XLA may not carry the NaN through a fused softmax).
+            return take_or_nan(table, task_ids)
         # start_token: a linear read-out of the [START] position; the bias starts at init_base
         # (uniform routing) and the kernel small, so routing is learned from the token.
         kernel = self.param(

@@ -87,13 +87,16 @@ def test_gpu_script_runs_on_cpu(tmp_path):
     from benchmarks import workloads as W
     out = tmp_path / "gpu.json"
     result = gpu.main(["--size", "micro", "--batch", "2", "--source", "8", "--target", "4",
-                       "--steps", "2", "--dtype", "float32", "--out", str(out)])
+                       "--steps", "2", "--dtype", "float32", "--out", str(out), "--profile"])
     assert json.loads(out.read_text())["rows"][1]["name"] == "mta"
     assert [r["name"] for r in result["rows"]] == ["dense", "mta"]
     for row, plug in zip(result["rows"], (None, W.stage_one_plug())):
         config = W.t5_config("micro", plug, dtype="float32")
         assert row["model_flops"] == F.model_flops_per_step(config, 2, 8, 4)
         assert row["mfu"] is None and row["pass"] is None and math.isfinite(row["loss"])
+        kinds = row["profile_top"]  # (kernel kind, seconds per step, share), largest first
+        assert kinds and all(sec >= 0 for _, sec, _ in kinds)
+        assert [sec for _, sec, _ in kinds] == sorted((sec for _, sec, _ in kinds), reverse=True)
     assert result["rows"][1]["model_flops"] > result["rows"][0]["model_flops"]
 
 

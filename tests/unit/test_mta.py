@@ -210,16 +210,10 @@ def test_task_ids_missing_unknown_or_out_of_range():
         M.MTAConfig().task_id("summarize")
     with pytest.raises(M.MTAConfigError, match=r"task_ids must lie in \[0, 4\].*\[7\]"):
         M.check_task_ids(np.array([0, 7]), M.MTAConfig())
-    # Inside jit an out-of-range id cannot raise: its routing weights are NaN instead of a
-    # clamped row (params as an argument, as in training: a closed-over table is folded).
-    # The weights are asserted, not the logits: how far NaN travels through the network
-    # depends on XLA CPU's kernels (one CI run of 2026-11-22 saw finite logits downstream).
-    _, state = jax.jit(lambda p, t: model.apply({"params": p}, ids, dec, task_ids=t,
-                                                mutable=["router"]))(
-        params, jnp.array([0, 9, 1, 2], jnp.int32))
-    weights = [np.asarray(v[0]) for k, v in flax.traverse_util.flatten_dict(
-        state["router"]).items() if k[-1] == "selector_weights"]
-    assert len(weights) == 2  # the encoder's and the decoder's MTA block
-    for w in weights:
-        assert np.isnan(w[1]).all()
-        assert np.isfinite(np.delete(w, 1, axis=0)).all()
+    # Inside jit an out-of-range id cannot raise: the selector's logit row is NaN instead of a
+    # clamped row. (How far NaN then travels is up to XLA: on CPU a fused softmax turned a NaN
+    # row into finite weights in some runs, so the host-side check above is the guarantee.)
+    table = jnp.asarray(M.MTAConfig().initial_logits())
+    rows = jax.jit(M.take_or_nan)(table, jnp.array([0, 9, -1, 4], jnp.int32))
+    assert np.isnan(np.asarray(rows[1:3])).all()
+    np.testing.assert_array_equal(np.asarray(rows)[[0, 3]], np.asarray(table)[[0, 4]])
