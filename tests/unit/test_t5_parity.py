@@ -63,17 +63,22 @@ def test_config_reading_follows_the_rule(tmp_path, hf_shape):
 def test_export_then_from_pretrained_gives_identical_logits(tmp_path, hf_shape):
     import transformers
 
-    make_hf_t5(tmp_path / "src", hf_shape)
+    source = make_hf_t5(tmp_path / "src", hf_shape)
     model, params = load_hf_t5(str(tmp_path / "src"))
     save_hf_t5(str(tmp_path / "out"), model, params)
     reloaded = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
     ids, mask, dec, dec_mask, _ = _batch(seed=1)
     ref = _torch_logits(reloaded, ids, mask, dec, dec_mask)
+    # The exported folder is the source model, bit for bit, as PyTorch sees it.
+    np.testing.assert_array_equal(ref, _torch_logits(source, ids, mask, dec, dec_mask))
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), jnp.asarray(dec),
                                   attention_mask=jnp.asarray(mask),
                                   decoder_attention_mask=jnp.asarray(dec_mask)))
     real = dec_mask.astype(bool)
-    assert np.abs(ours - ref)[real].max() <= 1e-5
+    # 1e-5, or 1e-6 of the largest |logit| where that is more: the untied v1.1 heads give
+    # logits near 25, where two float32 computations differ by ~1e-5 (PyTorch's own float32
+    # is 7e-6 off its float64 there); the v1.0 logits (near 4) meet 1e-5 as they are.
+    assert np.abs(ours - ref)[real].max() <= max(1e-5, 1e-6 * np.abs(ref).max())
     # And our own loader reads the export back bitwise.
     _, again = load_hf_t5(str(tmp_path / "out"))
     np.testing.assert_array_equal(np.asarray(again["shared"]["embedding"]),
