@@ -1,7 +1,7 @@
 """The JAX side of the benchmarks: model shapes, random weights, batches, compiled steps.
 
 Every step measured is the library's own: `train.make_train_step` with the optimizer of
-`optim.make_optimizer`, jitted with the parameters and optimizer state donated, compiled
+`optim.make_optimizer`, jitted with the train loop's donation (`train.state_donation`), compiled
 ahead of time (`jit(...).lower(...).compile()`) so that timing never includes tracing and
 the compiled program's `memory_analysis()` is at hand.
 """
@@ -145,7 +145,8 @@ def train_step(name: str, config: T5Config, shape: Shape, *, trainable: str = ".
     keys = optim.trainable_keys(labels)
     tx, _ = optim.make_optimizer(stage_config(trainable), 1000, labels)
     opt_state = tx.init(params)
-    step = jax.jit(train.make_train_step(model, tx, keys), donate_argnums=(0, 1))
+    step = jax.jit(train.make_train_step(model, tx, keys),
+                   donate_argnums=train.state_donation())
     batch = make_batch(config, shape, seed)
     rng = jax.random.PRNGKey(seed)
     start = time.perf_counter()

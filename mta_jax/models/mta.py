@@ -219,18 +219,24 @@ class Adapters(nn.Module):
             project = lambda name: jnp.einsum("ble,bnef->blnf", x, take(w_in(name)))
             w_out = take(w_out)
         else:
-            project = lambda name: jnp.einsum("ble,nef->blnf", x, w_in(name))
+            # The adapter axis is a batch axis of both products (the input broadcast along
+            # it), so XLA runs n plain matmuls on the weights as stored; contracting it as a
+            # free axis ("ble,nef->blnf") made XLA CPU transpose every adapter matrix in the
+            # forward and backward passes (benchmarks/README.md).
+            xn = jnp.broadcast_to(x, (self.num,) + x.shape)
+            project = lambda name: jnp.einsum("nble,nef->nblf", xn, w_in(name))
         if ffn and c.is_gated:
             h = c.activation(project("wi_0")) * project("wi_1")
         else:
             h = (c.activation if ffn else nn.relu)(project("wi"))
-        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)  # [b, l, n, f]
-        if weights is None:
-            return jnp.einsum("blnf,nfe->blne", h, w_out)
-        h = h * weights.astype(dt)[:, None, :, None]
+        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)  # [b, l, n, f] | [n, b, l, f]
         if gather:
+            h = h * weights.astype(dt)[:, None, :, None]
             return jnp.einsum("blnf,bnfe->ble", h, w_out)
-        return jnp.einsum("blnf,nfe->ble", h, w_out)
+        y = jnp.einsum("nblf,nfe->nble", h, w_out)
+        if weights is None:
+            return y.transpose(1, 2, 0, 3)  # [b, l, n, embed]
+        return jnp.einsum("nble,bn->ble", y, weights.astype(dt))
 
 
 class Selector(nn.Module):

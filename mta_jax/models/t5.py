@@ -231,9 +231,17 @@ class Attention(nn.Module):
         wq, wk, wv = proj("query", (e * d) ** -0.5), proj("key", e ** -0.5), proj("value", e ** -0.5)
         wo = _param(self, "out", _normal((h * d) ** -0.5), (h, d, e), ("heads", "kv", "embed"), c)
 
-        q = jnp.einsum("bqe,ehd->bqhd", x, wq.astype(dt))
-        project_kv = lambda t: (jnp.einsum("bke,ehd->bkhd", t, wk.astype(dt)),
-                                jnp.einsum("bke,ehd->bkhd", t, wv.astype(dt)))
+        # Projections are plain 2-D matmuls against [embed, heads * kv] views of the weights
+        # (free reshapes); only the small activations are transposed to head-major
+        # [b, heads, length, kv], the layout the score and mixing dots read and the cache
+        # keeps. Einsums straight to head-major made XLA CPU transpose the weights at every
+        # decoding step instead (benchmarks/README.md, decoding).
+        def project(t, w):  # t: [b, l, embed], w: [embed, heads, kv] -> [b, heads, l, kv]
+            y = t @ w.reshape(e, h * d).astype(dt)
+            return y.reshape(t.shape[0], t.shape[1], h, d).transpose(0, 2, 1, 3)
+
+        q = project(x, wq)
+        project_kv = lambda t: (project(t, wk), project(t, wv))
         if decode and self.is_cross:
             # Encoder keys/values are computed once, when the cache is created, then reused.
             kv = self.variable("cache", "cross_kv", lambda: project_kv(kv_input))
@@ -244,18 +252,19 @@ class Attention(nn.Module):
             ck = self.variable("cache", "cached_key", jnp.zeros, k_new.shape, k_new.dtype)
             cv = self.variable("cache", "cached_value", jnp.zeros, v_new.shape, v_new.dtype)
             if initialised:
-                start = (0, decode_index, 0, 0)
+                start = (0, 0, decode_index, 0)
                 ck.value = lax.dynamic_update_slice(ck.value, k_new, start)
                 cv.value = lax.dynamic_update_slice(cv.value, v_new, start)
             k, v = ck.value, cv.value
         else:
             k, v = project_kv(kv_input)
 
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
         weights = nn.Dropout(c.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return jnp.einsum("bqhd,hde->bqe", out, wo.astype(dt))
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+        out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], h * d)
+        return out @ wo.reshape(h * d, e).astype(dt)
 
 
 class DenseFFN(nn.Module):
