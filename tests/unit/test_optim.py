@@ -96,13 +96,18 @@ def test_no_gradient_is_computed_for_the_frozen_backbone(setup):
 def test_gradient_accumulation_equals_the_full_batch(setup):
     model, params, batch = setup
     labels = optim.param_labels(params, ".*")
-    full, state = _step(model, params, labels, _stage(".*"))
-    accum, _ = _step(model, params, labels, _stage(".*"), grad_accum_steps=2)
+    # Adam's eps = 1 makes the first update ~ lr * gradient, so the parameters compare the
+    # accumulated gradients themselves; with eps = 1e-8 a near-zero gradient's update is
+    # lr * g / (|g| + eps), and float32 rounding of g moved such a leaf by 2e-6 (jax 0.12).
+    stage = _stage(".*", eps=1.0)
+    full, state = _step(model, params, labels, stage)
+    accum, _ = _step(model, params, labels, stage, grad_accum_steps=2)
     p_full, _, m_full = full(params, state, batch, jax.random.PRNGKey(0))
     p_acc, _, m_acc = accum(params, state, batch, jax.random.PRNGKey(0))
     assert float(m_acc["loss"]) == pytest.approx(float(m_full["loss"]), rel=1e-5)
+    assert float(m_acc["grad_norm"]) == pytest.approx(float(m_full["grad_norm"]), rel=1e-5)
     for a, b in zip(jax.tree_util.tree_leaves(p_full), jax.tree_util.tree_leaves(p_acc)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-7)
 
 
 @pytest.mark.parametrize("kind, expected", [
