@@ -4,9 +4,9 @@
     y = h + dropout( g_0 * y_task + sum_j g_j * S_j( RMSNorm(h) ) )         (stage two)
 
 `MTAConfig` is the FFN plug of `models.t5`: it says in which blocks the mixture sits and
-builds `MTABlock` there. The E adapters are stacked on an `adapter` axis and computed as one
-einsum; the selector weights scale the hidden activations before the output contraction,
-so the weighted sum over adapters is part of that single contraction.
+builds `MTABlock` there. The E adapters are stacked on an `adapter` axis and computed
+together: each product is one einsum with the adapter axis as its batch axis, and the
+selector weights mix the E outputs (`Adapters`).
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def top_k_weights(weights: Array, k: int, renormalize: bool) -> Array:
 
 
 class Adapters(nn.Module):
-    """`num` adapters of one kind stacked on an `adapter` axis, computed as one einsum."""
+    """`num` adapters of one kind stacked on an `adapter` axis, computed together."""
 
     config: t5_lib.T5Config
     mta: MTAConfig
