@@ -224,7 +224,7 @@ def state_donation() -> tuple[int, ...]:
 
     On accelerators the parameters and optimizer state are donated, so the step updates them
     in place. XLA CPU (jax 0.10) instead copies every donated buffer at the start of the
-    step: no memory saved, and a T5-small step 9% slower (benchmarks/README.md), so there
+    step: no memory saved, and a T5-small step 5-9% slower (README, Benchmarks), so there
     nothing is donated.
     """
     return () if jax.default_backend() == "cpu" else (0, 1)
