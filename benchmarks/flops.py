@@ -71,7 +71,7 @@ def forward_flops(config, batch: int, source_length: int, target_length: int,
     plug = c.ffn_plug
     parts = {"attention_proj": 0, "attention_core": 0, "cross_kv": 0, "ffn": 0, "lm_head": 0}
     for stack, layers, tokens in (("encoder", c.num_layers, B * S),
-                                  ("decoder", c.n_decoder_layers, B * T)):
+                                  ("decoder", c.num_layers_of("decoder"), B * T)):
         for i in range(layers):
             length = S if stack == "encoder" else T
             proj, core = _attention(tokens, tokens, length, length, B, d, h, k)
@@ -82,7 +82,7 @@ def forward_flops(config, batch: int, source_length: int, target_length: int,
                 parts["attention_proj"] += 2 * 2 * B * T * d * inner  # cross q, o
                 parts["cross_kv"] += 2 * 2 * B * S * d * inner  # cross k, v on encoder tokens
                 parts["attention_core"] += 2 * 2 * B * h * T * S * k
-            if plug is not None and plug.applies_to(stack, i, layers):
+            if plug is not None and i in plug.layer_indices(stack, layers):
                 parts["ffn"] += sum(_mta_parts(c, tokens, B))
             else:
                 parts["ffn"] += _ffn(tokens, d, c.d_ff, c.is_gated)
@@ -110,16 +110,16 @@ def matmul_params(config) -> dict[str, int]:
 
     def ffn_params(stack, i, layers):
         dense = d * f * (3 if c.is_gated else 2)
-        if plug is None or not plug.applies_to(stack, i, layers):
+        if plug is None or not i in plug.layer_indices(stack, layers):
             return dense
         n = _computed_adapters(plug)
         return n * dense if plug.adapter_kind == "ffn" else dense + n * 2 * d * plug.adapter_dim
 
     enc = sum(4 * d * inner + ffn_params("encoder", i, c.num_layers) for i in range(c.num_layers))
-    dec = sum(4 * d * inner + 2 * d * inner + ffn_params("decoder", i, c.n_decoder_layers)
-              for i in range(c.n_decoder_layers))
+    dec = sum(4 * d * inner + 2 * d * inner + ffn_params("decoder", i, c.num_layers_of("decoder"))
+              for i in range(c.num_layers_of("decoder")))
     return {"encoder": enc, "decoder_target": dec,
-            "cross_kv": c.n_decoder_layers * 2 * d * inner, "lm_head": d * c.vocab_size}
+            "cross_kv": c.num_layers_of("decoder") * 2 * d * inner, "lm_head": d * c.vocab_size}
 
 
 def model_flops_per_step(config, batch: int, source_length: int, target_length: int) -> int:
@@ -130,14 +130,14 @@ def model_flops_per_step(config, batch: int, source_length: int, target_length: 
     B, S, T = batch, source_length, target_length
     c = config
     attention = sum(2 * 2 * B * c.num_heads * q * kv * c.d_kv for q, kv, n in (
-        (S, S, c.num_layers), (T, T, c.n_decoder_layers), (T, S, c.n_decoder_layers))
+        (S, S, c.num_layers), (T, T, c.num_layers_of("decoder")), (T, S, c.num_layers_of("decoder")))
         for _ in range(n))
     extras = 0  # selector read-out and gate network: they see one position per example
     plug = c.ffn_plug
     for stack, layers, tokens in (("encoder", c.num_layers, B * S),
-                                  ("decoder", c.n_decoder_layers, B * T)):
+                                  ("decoder", c.num_layers_of("decoder"), B * T)):
         for i in range(layers):
-            if plug is not None and plug.applies_to(stack, i, layers):
+            if plug is not None and i in plug.layer_indices(stack, layers):
                 extras += _mta_parts(c, tokens, B)[1]
     return (6 * p["encoder"] * B * S + 6 * p["decoder_target"] * B * T + 6 * p["cross_kv"] * B * S
             + 6 * p["lm_head"] * B * T + 3 * attention + 3 * extras)

@@ -120,197 +120,259 @@ class Clock:
         return lambda last_round: self.fits(last_round + reserve)
 
 
+class SizeRun:
+    """Every measurement of one model size, in phases that share its shapes and clock.
+
+    Phases run in order (`run_size`): PyTorch twins and parity, pool A (MTA over dense, JAX
+    over PyTorch), pool B (stage two), decoding, scaling. Each phase frees what it built.
+    """
+
+    def __init__(self, size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
+                 profiles: dict):
+        from benchmarks import workloads as W
+
+        self.size, self.plan, self.report, self.clock = size, plan, report, clock
+        self.raw, self.profiles = raw.setdefault(size, {}), profiles.setdefault(size, {})
+        self.shape = W.Shape(plan.batch, plan.source, plan.target)
+        self.label = str(self.shape)
+        self.compile_s: list[float] = []
+        self.dense_cfg, self.mta_cfg = self.cfg(), self.cfg(W.stage_one_plug())
+        self.variants = {
+            "bottleneck": self.cfg(W.stage_one_plug(adapter_kind="bottleneck")),
+            "all_layers": self.cfg(W.stage_one_plug(encoder_layers="all", decoder_layers="all")),
+        }
+        self.batch = W.make_batch(self.dense_cfg, self.shape)
+
+    def cfg(self, plug=None):
+        from benchmarks import workloads as W
+        return W.t5_config(self.size, plug, dropout_rate=self.plan.dropout_rate)
+
+    def add(self, name: str, value: float, target: Target, **extra) -> dict:
+        return self.report.add(self.size, name, value, target, extra.pop("label", self.label),
+                               **extra)
+
+    def compiled(self, name, config, shape=None, **kw):
+        from benchmarks import workloads as W
+        step = W.train_step(name, config, shape or self.shape, **kw)
+        self.compile_s.append(step.compile_seconds)
+        print(f"  compiled {name} ({shape or self.shape}) in {step.compile_seconds:.1f}s "
+              f"[{self.clock.elapsed():.0f}s elapsed]", flush=True)
+        return step
+
+    def later(self, compiles: int, seconds: float) -> Callable:
+        """Rounds past min_rounds only while the later phases still fit: `compiles` more
+        compilations, the scaling points (one compilation each), and `seconds` of timing."""
+        n_scaling = len(set(self.plan.adapters) - {5}) + len(set(self.plan.sources) - {self.plan.source})
+        return self.clock.rounds_while((compiles + n_scaling) * max(self.compile_s) + seconds)
+
+    def interleaved(self, fns: dict, rounds: int, more: Callable) -> dict:
+        from benchmarks import timing
+        return timing.interleaved(fns, rounds, warmup=0, min_rounds=self.plan.min_rounds, more=more)
+
+    def torch_twins(self) -> dict:
+        """Hugging Face's T5 with the same weights: dense, MTA (vectorised, loop), a decoder;
+        built before the JAX steps donate (consume) their parameters. Records MTA parity."""
+        import numpy as np
+        import transformers
+
+        from benchmarks import torch_t5
+        from benchmarks import workloads as W
+        from mta_jax.models.t5 import T5
+
+        print(f"[{self.size}] PyTorch models and parity", flush=True)
+        dense_model, mta_model = T5(self.dense_cfg), T5(self.mta_cfg)
+        mta_params = W.random_params(mta_model)
+        with tempfile.TemporaryDirectory() as folder:
+            torch_t5.hf.save_hf_t5(folder, dense_model, W.random_params(dense_model))
+            load = lambda: transformers.T5ForConditionalGeneration.from_pretrained(folder)
+            twins = {"dense": load(), "decode": load(),
+                     "mta": torch_t5.patch_mta(load(), self.mta_cfg, mta_params, "vectorised"),
+                     "loop": torch_t5.patch_mta(load(), self.mta_cfg, mta_params, "loop")}
+        diff = float(np.max(np.abs(torch_t5.logits(twins["mta"], self.batch)
+                                   - W.forward_logits(mta_model, mta_params, self.batch))))
+        self.add("torch_mta_parity_max_abs_logit_diff", diff, Target("<=", 1e-3))
+        return twins
+
+    def pool_a(self, twins: dict):
+        """MTA (three placements) over dense, against their FLOP ratio; JAX over PyTorch.
+        Returns the compiled dense and MTA steps, reused by the later phases."""
+        from benchmarks import flops as F
+        from benchmarks import torch_t5
+
+        print(f"[{self.size}] pool A: MTA overhead, JAX vs PyTorch", flush=True)
+        dense, mta = self.compiled("dense", self.dense_cfg), self.compiled("mta", self.mta_cfg)
+        var_steps = {k: self.compiled(k, c) for k, c in self.variants.items()}
+        torch_fns = {name: torch_t5.train_step(twins[k], self.batch) for name, k in
+                     (("torch_dense", "dense"), ("torch_mta", "mta"), ("torch_mta_loop", "loop"))}
+        for fn in torch_fns.values():  # PyTorch's first step allocates AdamW's state
+            fn()
+        pool = {"dense": dense, "mta": mta, **var_steps, **torch_fns}
+        times = self.interleaved(pool, self.plan.rounds, self.later(2, 150))
+        self.raw["pool_a"] = times
+        shape = dataclasses.astuple(self.shape)
+        flops = {k: F.train_flops(c, *shape)
+                 for k, c in {"dense": self.dense_cfg, "mta": self.mta_cfg, **self.variants}.items()}
+        for key, suffix in (("mta", ""), ("bottleneck", "_bottleneck"), ("all_layers", "_all_layers")):
+            self._overhead(times, flops, key, suffix, pool)
+        mem_d, mem_m = dense.memory(), mta.memory()
+        self.add("mta_over_dense_peak_memory", mem_m["peak"] / mem_d["peak"], INFO,
+                 dense=mem_d, mta=mem_m)
+        self.add("mta_over_dense_temp_memory", mem_m["temp"] / mem_d["temp"], INFO)
+        for name, jax_key, torch_key, target in (
+                ("jax_speedup_vs_torch_dense_step", "dense", "torch_dense", Target(">=", 1.3)),
+                ("jax_speedup_vs_torch_mta_step", "mta", "torch_mta", Target(">=", 1.3)),
+                ("jax_speedup_vs_torch_mta_loop_step", "mta", "torch_mta_loop", INFO)):
+            self._speedup(times, name, jax_key, torch_key, target, pool)
+        return dense, mta
+
+    def _overhead(self, times, flops, key, suffix, pool) -> None:
+        from benchmarks import profile as P
+        from benchmarks import timing
+
+        t_ratio = timing.ratio(times, key, "dense")
+        f_ratio = flops[key] / flops["dense"]
+        self.add(f"mta_over_dense_step_time{suffix}", t_ratio, INFO)
+        self.add(f"mta_over_dense_train_flops{suffix}", f_ratio, INFO, flops=flops[key],
+                 dense_flops=flops["dense"])
+        row = self.add(f"mta_overhead_over_flops{suffix}", t_ratio / f_ratio, Target("<=", 1.05))
+        if not row["pass"] and key == "mta":
+            base, ops = P.op_seconds(pool["dense"]), P.op_seconds(pool["mta"])
+            row["profile"] = {"extra_seconds_by_op_kind": P.extra(ops, base, 6),
+                              "dense_top": P.top(base, 6), "mta_top": P.top(ops, 6)}
+            self.profiles["mta_over_dense"] = row["profile"]
+
+    def _speedup(self, times, name, jax_key, torch_key, target, pool) -> None:
+        from benchmarks import profile as P
+        from benchmarks import timing, torch_t5
+
+        row = self.add(name, timing.ratio(times, torch_key, jax_key), target)
+        if row["pass"] is False:
+            key = f"{jax_key}_vs_{torch_key}"
+            if key not in self.profiles:
+                self.profiles[key] = {"jax_top": P.top(P.op_seconds(pool[jax_key]), 6),
+                                      "torch_top": torch_t5.top_ops(pool[torch_key], 6)}
+            row["profile"] = self.profiles[key]
+
+    def pool_b(self, stage_one) -> None:
+        """Stage two (frozen backbone; top-k dense and gathered) against stage one."""
+        from benchmarks import flops as F
+        from benchmarks import timing
+        from benchmarks import workloads as W
+        from mta_jax.models import mta as mta_lib
+
+        print(f"[{self.size}] pool B: stage two", flush=True)
+        s2_plug = mta_lib.stage_two_config(W.stage_one_plug(), top_k=2, num_shared_adapters=1)
+        s2_cfg = self.cfg(s2_plug)
+        s2g_cfg = self.cfg(dataclasses.replace(s2_plug, topk_compute="gather"))
+        s2 = self.compiled("stage2", s2_cfg, trainable="mta")
+        s2g = self.compiled("stage2_gather", s2g_cfg, trainable="mta")
+        times = self.interleaved({"stage1": stage_one, "stage2": s2, "stage2_gather": s2g},
+                                 self.plan.rounds, self.later(0, 90))
+        self.raw["pool_b"] = times
+        self.add("stage2_over_stage1_step_time", timing.ratio(times, "stage2", "stage1"),
+                 Target("<", 1.0))
+        self.add("stage2_opt_state_bytes_over_2x_trainable_param_bytes",
+                 s2.opt_state_bytes / (2 * s2.trainable_bytes), Target("~", 1.0, 0.01),
+                 opt_state_bytes=s2.opt_state_bytes, trainable_bytes=s2.trainable_bytes,
+                 param_bytes=s2.param_bytes)
+        gather_ratio = timing.ratio(times, "stage2_gather", "stage2")
+        self.add("stage2_topk_gather_over_dense_step_time", gather_ratio, INFO,
+                 faster="gather" if gather_ratio < 1.0 else "dense")
+        shape = dataclasses.astuple(self.shape)
+        self.add("stage2_topk_gather_over_dense_forward_flops",
+                 F.forward_flops(s2g_cfg, *shape) / F.forward_flops(s2_cfg, *shape), INFO)
+        self.add("stage2_gather_over_stage1_step_time",
+                 timing.ratio(times, "stage2_gather", "stage1"), INFO)
+
+    def decoding(self, hf_decode) -> None:
+        """The library's jitted greedy decoder against HF generate, same weights."""
+        import numpy as np
+
+        from benchmarks import profile as P
+        from benchmarks import timing, torch_t5
+        from benchmarks import workloads as W
+        from mta_jax.models.t5 import T5
+
+        print(f"[{self.size}] decoding", flush=True)
+        plan, dense_model = self.plan, T5(self.dense_cfg)
+        ours = W.greedy_decoder(dense_model, W.random_params(dense_model), self.batch, plan.target)
+        theirs = torch_t5.greedy_generate(hf_decode, self.batch, plan.target)
+        agree = float(np.mean(ours() == theirs()))  # also compiles and warms both
+        times = self.interleaved({"jax_greedy": ours, "hf_generate": theirs}, plan.rounds + 2,
+                                 self.later(0, 50))
+        self.raw["decode"] = times
+        tokens = plan.batch * plan.target
+        row = self.add("decode_speedup_vs_hf_generate",
+                       timing.ratio(times, "hf_generate", "jax_greedy"), Target(">=", 2.0),
+                       label=f"{self.label}, {plan.target} new tokens",
+                       jax_tokens_per_s=tokens / timing.median(times["jax_greedy"]),
+                       hf_tokens_per_s=tokens / timing.median(times["hf_generate"]))
+        if row["pass"] is False:
+            row["profile"] = self.profiles["decode"] = {
+                "jax_top": P.top(P.op_seconds(ours), 6), "torch_top": torch_t5.top_ops(theirs, 6)}
+        self.add("decode_token_agreement", agree, INFO)
+
+    def scaling(self, anchor) -> None:
+        """Step time against adapters and source length (points skip when out of time)."""
+        from benchmarks import timing
+        from benchmarks import workloads as W
+
+        print(f"[{self.size}] scaling", flush=True)
+        plan, per_compile = self.plan, max(self.compile_s)
+        step_s = timing.median(self.raw["pool_a"]["mta"])
+        fns: dict[str, Callable] = {"anchor": anchor}  # adapters 5 at the plan's source length
+        skipped = []
+        points = [("adapters", e) for e in plan.adapters if e != 5] + \
+                 [("source", n) for n in plan.sources if n != plan.source]
+        for kind, n in points:
+            # Compiling it, then running it every round, judged from what was seen so far.
+            grow = n / 5 if kind == "adapters" else n / plan.source
+            if not self.clock.fits(per_compile + plan.min_rounds * step_s * (1 + grow) + 30):
+                skipped.append(f"{kind}_{n}")
+            elif kind == "adapters":
+                fns[f"{kind}_{n}"] = self.compiled(f"adapters_{n}",
+                                                   self.cfg(W.stage_one_plug(num_adapters=n)))
+            else:
+                fns[f"{kind}_{n}"] = self.compiled(f"source_{n}", self.mta_cfg,
+                                                   W.Shape(plan.batch, n, plan.target))
+        if len(fns) > 1:
+            times = self.interleaved(fns, plan.rounds, self.clock.rounds_while(20))
+        else:  # nothing new to interleave: the anchor's pool-A times
+            times = {"anchor": self.raw["pool_a"]["mta"]}
+        times["adapters_5"] = times[f"source_{plan.source}"] = times.pop("anchor")
+        self.raw["scaling"] = times
+        for e in sorted(set(plan.adapters) | {5}):
+            if f"adapters_{e}" in times:
+                self.add(f"step_time_adapters_{e}", timing.median(times[f"adapters_{e}"]), INFO,
+                         unit=" s", over_adapters_5=timing.ratio(times, f"adapters_{e}", "adapters_5"))
+        for n in sorted(set(plan.sources) | {plan.source}):
+            if f"source_{n}" in times:
+                self.add(f"step_time_source_{n}", timing.median(times[f"source_{n}"]), INFO,
+                         label=str(W.Shape(plan.batch, n, plan.target)), unit=" s",
+                         over_source_anchor=timing.ratio(times, f"source_{n}", f"source_{plan.source}"))
+        if skipped:
+            print(f"  skipped for time: {skipped}", flush=True)
+        self.raw["skipped"] = skipped
+
+
 def run_size(size: str, plan: Plan, report: Report, clock: Clock, raw: dict,
              profiles: dict) -> None:
-    import numpy as np
     import transformers
-
-    from benchmarks import flops as F
-    from benchmarks import profile as P
-    from benchmarks import timing, torch_t5
-    from benchmarks import workloads as W
-    from mta_jax.models import mta as mta_lib
-    from mta_jax.models.t5 import T5
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    shape = W.Shape(plan.batch, plan.source, plan.target)
-    cfg = lambda plug=None: W.t5_config(size, plug, dropout_rate=plan.dropout_rate)
-    dense_cfg, mta_cfg = cfg(), cfg(W.stage_one_plug())
-    variants = {
-        "bottleneck": cfg(W.stage_one_plug(adapter_kind="bottleneck")),
-        "all_layers": cfg(W.stage_one_plug(encoder_layers="all", decoder_layers="all")),
-    }
-    s = str(shape)
-    raw[size] = {}
-    profiles[size] = {}
-    compile_s = []
-
-    def compiled(name, config, shp=shape, **kw):
-        step = W.train_step(name, config, shp, **kw)
-        compile_s.append(step.compile_seconds)
-        print(f"  compiled {name} ({shp}) in {step.compile_seconds:.1f}s "
-              f"[{clock.elapsed():.0f}s elapsed]", flush=True)
-        return step
-
-    # --- PyTorch twins, built before the JAX steps donate (consume) their parameters.
-    print(f"[{size}] PyTorch models and parity", flush=True)
-    dense_model, mta_model = T5(dense_cfg), T5(mta_cfg)
-    mta_params = W.random_params(mta_model)
-    batch = W.make_batch(dense_cfg, shape)
-    with tempfile.TemporaryDirectory() as folder:
-        torch_t5.hf.save_hf_t5(folder, dense_model, W.random_params(dense_model))
-        load = lambda: transformers.T5ForConditionalGeneration.from_pretrained(folder)
-        hf_dense, hf_decode = load(), load()
-        hf_mta = torch_t5.patch_mta(load(), mta_cfg, mta_params, "vectorised")
-        hf_loop = torch_t5.patch_mta(load(), mta_cfg, mta_params, "loop")
-    diff = float(np.max(np.abs(torch_t5.logits(hf_mta, batch)
-                               - W.forward_logits(mta_model, mta_params, batch))))
-    del mta_params
-
-    # --- Pool A: MTA overhead over dense, and JAX over PyTorch.
-    print(f"[{size}] pool A: MTA overhead, JAX vs PyTorch", flush=True)
-    dense = compiled("dense", dense_cfg)
-    mta = compiled("mta", mta_cfg)
-    var_steps = {k: compiled(k, c) for k, c in variants.items()}
-    torch_fns = {"torch_dense": torch_t5.train_step(hf_dense, batch),
-                 "torch_mta": torch_t5.train_step(hf_mta, batch),
-                 "torch_mta_loop": torch_t5.train_step(hf_loop, batch)}
-    for fn in torch_fns.values():  # PyTorch's first step allocates AdamW's state
-        fn()
-    pool = {"dense": dense, "mta": mta, **var_steps, **torch_fns}
-    # Rounds past min_rounds only while the later phases still fit: stage two (two
-    # compilations, its rounds), decoding, and the scaling points (one compilation each).
-    n_scaling = len(set(plan.adapters) - {5}) + len(set(plan.sources) - {plan.source})
-    later = lambda compiles, seconds: clock.rounds_while(
-        (compiles + n_scaling) * max(compile_s) + seconds)
-    times = timing.interleaved(pool, plan.rounds, warmup=0, min_rounds=plan.min_rounds,
-                               more=later(2, 150))
-    raw[size]["pool_a"] = times
-    flops = {k: F.train_flops(c, *dataclasses.astuple(shape)) for k, c in
-             {"dense": dense_cfg, "mta": mta_cfg, **variants}.items()}
-    for key, suffix in (("mta", ""), ("bottleneck", "_bottleneck"), ("all_layers", "_all_layers")):
-        t_ratio = timing.ratio(times, key, "dense")
-        f_ratio = flops[key] / flops["dense"]
-        report.add(size, f"mta_over_dense_step_time{suffix}", t_ratio, INFO, s)
-        report.add(size, f"mta_over_dense_train_flops{suffix}", f_ratio, INFO, s,
-                   flops=flops[key], dense_flops=flops["dense"])
-        row = report.add(size, f"mta_overhead_over_flops{suffix}", t_ratio / f_ratio,
-                         Target("<=", 1.05), s)
-        if not row["pass"] and key == "mta":
-            base, ops = P.op_seconds(dense), P.op_seconds(mta)
-            row["profile"] = {"extra_seconds_by_op_kind": P.extra(ops, base, 6),
-                              "dense_top": P.top(base, 6), "mta_top": P.top(ops, 6)}
-            profiles[size]["mta_over_dense"] = row["profile"]
-    mem_d, mem_m = dense.memory(), mta.memory()
-    report.add(size, "mta_over_dense_peak_memory", mem_m["peak"] / mem_d["peak"], INFO, s,
-               dense=mem_d, mta=mem_m)
-    report.add(size, "mta_over_dense_temp_memory", mem_m["temp"] / mem_d["temp"], INFO, s)
-    for name, jax_key, torch_key, target in (
-            ("jax_speedup_vs_torch_dense_step", "dense", "torch_dense", Target(">=", 1.3)),
-            ("jax_speedup_vs_torch_mta_step", "mta", "torch_mta", Target(">=", 1.3)),
-            ("jax_speedup_vs_torch_mta_loop_step", "mta", "torch_mta_loop", INFO)):
-        row = report.add(size, name, timing.ratio(times, torch_key, jax_key), target, s)
-        if row["pass"] is False:
-            key = f"{jax_key}_vs_{torch_key}"
-            if key not in profiles[size]:
-                profiles[size][key] = {"jax_top": P.top(P.op_seconds(pool[jax_key]), 6),
-                                       "torch_top": torch_t5.top_ops(pool[torch_key], 6)}
-            row["profile"] = profiles[size][key]
-    report.add(size, "torch_mta_parity_max_abs_logit_diff", diff, Target("<=", 1e-3), s)
-    del var_steps, torch_fns, pool, hf_dense, hf_mta, hf_loop
+    run = SizeRun(size, plan, report, clock, raw, profiles)
+    twins = run.torch_twins()
+    dense, mta = run.pool_a(twins)
+    del twins["dense"], twins["mta"], twins["loop"]
     gc.collect()
-
-    # --- Pool B: stage two (frozen backbone; top-k dense and gathered) against stage one.
-    print(f"[{size}] pool B: stage two", flush=True)
-    s2_plug = mta_lib.stage_two_config(W.stage_one_plug(), top_k=2, num_shared_adapters=1)
-    s2_cfg = cfg(s2_plug)
-    s2g_cfg = cfg(dataclasses.replace(s2_plug, topk_compute="gather"))
-    s2 = compiled("stage2", s2_cfg, trainable="mta")
-    s2g = compiled("stage2_gather", s2g_cfg, trainable="mta")
-    times = timing.interleaved({"stage1": mta, "stage2": s2, "stage2_gather": s2g}, plan.rounds,
-                               warmup=0, min_rounds=plan.min_rounds, more=later(0, 90))
-    raw[size]["pool_b"] = times
-    report.add(size, "stage2_over_stage1_step_time", timing.ratio(times, "stage2", "stage1"),
-               Target("<", 1.0), s)
-    report.add(size, "stage2_opt_state_bytes_over_2x_trainable_param_bytes",
-               s2.opt_state_bytes / (2 * s2.trainable_bytes), Target("~", 1.0, 0.01), s,
-               opt_state_bytes=s2.opt_state_bytes, trainable_bytes=s2.trainable_bytes,
-               param_bytes=s2.param_bytes)
-    gather_ratio = timing.ratio(times, "stage2_gather", "stage2")
-    report.add(size, "stage2_topk_gather_over_dense_step_time", gather_ratio, INFO, s,
-               faster="gather" if gather_ratio < 1.0 else "dense")
-    report.add(size, "stage2_topk_gather_over_dense_forward_flops",
-               F.forward_flops(s2g_cfg, *dataclasses.astuple(shape))
-               / F.forward_flops(s2_cfg, *dataclasses.astuple(shape)), INFO, s)
-    report.add(size, "stage2_gather_over_stage1_step_time",
-               timing.ratio(times, "stage2_gather", "stage1"), INFO, s)
-    del s2, s2g
+    run.pool_b(mta)
     gc.collect()
-
-    # --- Decoding: the library's jitted greedy decoder against HF generate, same weights.
-    print(f"[{size}] decoding", flush=True)
-    dense_params = W.random_params(dense_model)
-    ours = W.greedy_decoder(dense_model, dense_params, batch, plan.target)
-    theirs = torch_t5.greedy_generate(hf_decode, batch, plan.target)
-    agree = float(np.mean(ours() == theirs()))  # also compiles and warms both
-    times = timing.interleaved({"jax_greedy": ours, "hf_generate": theirs}, plan.rounds + 2,
-                               warmup=0, min_rounds=plan.min_rounds, more=later(0, 50))
-    raw[size]["decode"] = times
-    row = report.add(size, "decode_speedup_vs_hf_generate",
-                     timing.ratio(times, "hf_generate", "jax_greedy"), Target(">=", 2.0),
-                     f"{s}, {plan.target} new tokens",
-                     jax_tokens_per_s=plan.batch * plan.target / timing.median(times["jax_greedy"]),
-                     hf_tokens_per_s=plan.batch * plan.target / timing.median(times["hf_generate"]))
-    if row["pass"] is False:
-        row["profile"] = profiles[size]["decode"] = {
-            "jax_top": P.top(P.op_seconds(ours), 6), "torch_top": torch_t5.top_ops(theirs, 6)}
-    report.add(size, "decode_token_agreement", agree, INFO, s)
-    del ours, theirs, hf_decode, dense_params
+    run.decoding(twins.pop("decode"))
     gc.collect()
-
-    # --- Scaling: adapters and source length (optional points skip when out of time).
-    print(f"[{size}] scaling", flush=True)
-    per_compile = max(compile_s)
-    step_s = timing.median(raw[size]["pool_a"]["mta"])
-    fns: dict[str, Callable] = {"anchor": mta}  # adapters 5 at the plan's source length
-    skipped = []
-    points = [("adapters", e) for e in plan.adapters if e != 5] + \
-             [("source", n) for n in plan.sources if n != plan.source]
-    for kind, n in points:
-        # Compiling it, then running it every round, judged from what was seen so far.
-        grow = n / 5 if kind == "adapters" else n / plan.source
-        if not clock.fits(per_compile + plan.min_rounds * step_s * (1 + grow) + 30):
-            skipped.append(f"{kind}_{n}")
-            continue
-        if kind == "adapters":
-            fns[f"{kind}_{n}"] = compiled(f"adapters_{n}", cfg(W.stage_one_plug(num_adapters=n)))
-        else:
-            fns[f"{kind}_{n}"] = compiled(f"source_{n}", mta_cfg,
-                                          W.Shape(plan.batch, n, plan.target))
-    if len(fns) > 1:
-        times = timing.interleaved(fns, plan.rounds, warmup=0, min_rounds=plan.min_rounds,
-                                   more=clock.rounds_while(20))
-    else:  # nothing new to interleave: the anchor's pool-A times
-        times = {"anchor": raw[size]["pool_a"]["mta"]}
-    times["adapters_5"] = times[f"source_{plan.source}"] = times.pop("anchor")
-    raw[size]["scaling"] = times
-    for e in sorted(set(plan.adapters) | {5}):
-        if f"adapters_{e}" in times:
-            report.add(size, f"step_time_adapters_{e}", timing.median(times[f"adapters_{e}"]),
-                       INFO, s, unit=" s",
-                       over_adapters_5=timing.ratio(times, f"adapters_{e}", "adapters_5"))
-    for n in sorted(set(plan.sources) | {plan.source}):
-        if f"source_{n}" in times:
-            report.add(size, f"step_time_source_{n}", timing.median(times[f"source_{n}"]), INFO,
-                       str(W.Shape(plan.batch, n, plan.target)), unit=" s",
-                       over_source_anchor=timing.ratio(times, f"source_{n}",
-                                                       f"source_{plan.source}"))
-    if skipped:
-        print(f"  skipped for time: {skipped}", flush=True)
-    raw[size]["skipped"] = skipped
-    raw[size]["compile_seconds"] = compile_s
-    del fns, dense, mta
+    run.scaling(mta)
+    run.raw["compile_seconds"] = run.compile_s
+    del dense, mta
     gc.collect()
 
 

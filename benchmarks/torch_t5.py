@@ -96,7 +96,7 @@ def patch_mta(hf_model, config, params, form: str = "vectorised"):
     cls = {"vectorised": VectorisedMTA, "loop": LoopMTA}[form]
     for stack, blocks in (("encoder", hf_model.encoder.block), ("decoder", hf_model.decoder.block)):
         for i in plug.layer_indices(stack, len(blocks)):
-            p = params[stack][f"layers_{i}"]["ffn"][plug.name]
+            p = params[stack][f"layers_{i}"]["ffn"]["mta"]
             module = cls(np.asarray(p["adapters"]["wi"]), np.asarray(p["adapters"]["wo"]),
                          np.asarray(p["selector"]["logits"]), plug.temperature, config.dropout_rate)
             blocks[i].layer[-1].DenseReluDense = module

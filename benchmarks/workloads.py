@@ -1,7 +1,7 @@
 """The JAX side of the benchmarks: model shapes, random weights, batches, compiled steps.
 
-Every step measured is the library's own: `train.make_train_step` with the optimizer of
-`optim.make_optimizer`, jitted with the train loop's donation (`train.state_donation`), compiled
+Every step measured is the library's own: `step.make_train_step` with the optimizer of
+`optim.make_optimizer`, jitted with the train loop's donation (`step.state_donation`), compiled
 ahead of time (`jit(...).lower(...).compile()`) so that timing never includes tracing and
 the compiled program's `memory_analysis()` is at hand.
 """
@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mta_jax import decoding, hf, optim, train
+from mta_jax import decoding, optim, step as step_lib
+from mta_jax.models import ffn
 from mta_jax.models import mta as mta_lib
-from mta_jax.models.t5 import T5, T5Config
+from mta_jax.models.t5 import T5, T5Config, init_params
 
 # T5 v1.0 (ReLU FFN, head tied to the embedding) shapes; `micro` is for the unit test.
 SIZES = {
@@ -67,21 +68,23 @@ def random_params(model: T5, seed: int = 0) -> dict:
     Norm scales are 1. Values otherwise do not matter for timing.
     """
     plug = model.config.ffn_plug
-    flat = flax.traverse_util.flatten_dict(hf.abstract_params(model))
-    out = {}
+    boxed = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0)))
+    flat = flax.traverse_util.flatten_dict(flax.linen.unbox(boxed))
+    values = {}
     for path, leaf in flat.items():
         if path[-1] == "scale":
-            value = np.ones(leaf.shape, np.float32)
+            values[path] = np.ones(leaf.shape, np.float32)
         elif path[-1] == "logits" and plug is not None:
-            value = plug.initial_logits()
-        elif (plug is not None and plug.adapter_kind == "ffn" and len(path) >= 2
-              and path[-2] in ("adapters", "shared_adapters")):
-            dense = path[: path.index(plug.name)] + ("mlp", path[-1])
-            value = np.broadcast_to(_leaf(dense, leaf.shape[1:], seed), leaf.shape)
+            values[path] = plug.initial_logits()
         else:
-            value = _leaf(path, leaf.shape, seed)
-        out[path] = jnp.asarray(value, leaf.dtype)
-    return flax.traverse_util.unflatten_dict(out)
+            values[path] = _leaf(path, leaf.shape, seed)
+    # Stacked adapters and experts of the FFN's shape copy the values the dense model has at
+    # their layer's FFN (the released method starts `ffn` adapters from the pretrained FFN).
+    dense = {ffn.dense_ffn_path(p): _leaf(ffn.dense_ffn_path(p), leaf.shape[1:], seed)
+             for p, leaf in flat.items() if "ffn" in p and "mlp" not in p and leaf.ndim == 3}
+    values.update(ffn.stacked_copies_of_dense(boxed, dense))
+    return flax.traverse_util.unflatten_dict(
+        {p: jnp.asarray(v, flat[p].dtype) for p, v in values.items()})
 
 
 def make_batch(config: T5Config, shape: Shape, seed: int = 0, num_task_types: int = 5) -> dict:
@@ -142,17 +145,16 @@ def train_step(name: str, config: T5Config, shape: Shape, *, trainable: str = ".
     model = T5(config)
     params = random_params(model, seed)
     labels = optim.param_labels(params, trainable)
-    keys = optim.trainable_keys(labels)
     tx, _ = optim.make_optimizer(stage_config(trainable), 1000, labels)
     opt_state = tx.init(params)
-    step = jax.jit(train.make_train_step(model, tx, keys),
-                   donate_argnums=train.state_donation())
+    step = jax.jit(step_lib.make_train_step(model, tx, labels),
+                   donate_argnums=step_lib.state_donation())
     batch = make_batch(config, shape, seed)
     rng = jax.random.PRNGKey(seed)
     start = time.perf_counter()
     compiled = step.lower(params, opt_state, batch, rng).compile()
     seconds = time.perf_counter() - start
-    trainable_tree, _ = optim.split_params(params, keys)
+    trainable_tree = jax.tree.map(lambda p, l: p if l == optim.TRAINABLE else None, params, labels)
     return TrainStep(name, model, shape, compiled, params, opt_state, batch, rng,
                      trainable_bytes=optim.tree_bytes(trainable_tree),
                      param_bytes=optim.tree_bytes(params),

@@ -1,6 +1,6 @@
 """Every field of an mta-jax run, with its default. Other configs import this and change a few.
 
-The defaults are the authors' released recipe (MTA_SPEC.md): T5-base, 5 full-FFN adapters in
+The defaults are the authors' released recipe (docs/method.md): T5-base, 5 full-FFN adapters in
 block 11 of each stack, Softmax-T with T = 0.1, biased initialisation 0.20/0.22, Adam 1e-4,
 batch 4, source/target lengths 512/64, seed 42, top-2 and one shared adapter in stage two,
 beam 4 / max length 128 / length penalty 0.6 for decoding.
@@ -9,6 +9,7 @@ import ml_collections
 
 from mta_jax.data.config import get_data_config
 from mta_jax.sharding import default_mesh_config
+from mta_jax.task_types import TASK_TYPES
 
 
 def stage_config(num_train_steps: int, learning_rate: float, trainable: str):
@@ -70,7 +71,7 @@ def get_config():
     t.topk_compute = "dense"
     t.num_shared_adapters = 1  # stage two: adapters shared by every task, mixed by the gate
     t.gate_hidden_dim = 128  # stage two: hidden width of the gate network
-    t.task_types = ("classify", "nli", "mrc", "generate", "anaphora_resolution")  # selector rows
+    t.task_types = TASK_TYPES  # selector rows / task ids, in this order (mta_jax/task_types.py)
     t.selector_loss_weight = 0.0  # start_token: weight of the task-type loss on the selector
 
     # Baseline variants (models/variants.py); they sit in the mta.*_layers blocks.

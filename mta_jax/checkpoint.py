@@ -41,15 +41,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mta_jax.errors import CheckpointError
+
 PyTree = Any
 
 ITEMS = ("params", "opt_state", "data_state", "extra")
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """No readable checkpoint where one was asked for."""
 
 
 class Restored(NamedTuple):

@@ -1,17 +1,26 @@
-"""What the command-line entry points share: which errors are the user's, and quiet logs.
+"""What the command-line entry points share: user errors as one line, quiet library logs.
 
-Entry points print user errors as one line `error: ...` and exit 1, without a traceback.
+An entry point runs its work inside `one_line_errors()`: a `UserError` (errors.py) is printed
+as one line `error: ...` on stderr and becomes exit status 1, without a traceback.
 """
+import contextlib
 import logging as std_logging
+import sys
+
+from mta_jax.errors import UserError
 
 
-def user_errors() -> tuple:
-    """Exception types that mean 'the user asked for something impossible', not a bug."""
-    from mta_jax import checkpoint, data, hf, sharding, train
-    from mta_jax.models import mta
+class UserExit(SystemExit):
+    """Raised by `one_line_errors` after printing a user error (exit status 1)."""
 
-    return (train.ConfigError, data.DataError, hf.CheckpointFormatError, mta.MTAConfigError,
-            checkpoint.CheckpointError, sharding.ShardingError)
+
+@contextlib.contextmanager
+def one_line_errors():
+    try:
+        yield
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise UserExit(1) from None
 
 
 class _QuietLibraries(std_logging.Filter):

@@ -44,19 +44,34 @@ _SAME_FOR_ALL_BEAMS = ("cross_kv",)
 
 # --------------------------------------------------------------------------- model calls
 
-def _encode(model: T5, params, input_ids, attention_mask, task_ids) -> Array:
-    """input_ids: int32[n, s] -> encoded [n, s, embed]."""
-    return model.apply({"params": params}, input_ids, attention_mask, task_ids=task_ids,
-                       method=model.encode)
+def _encode(model: T5, params, input_ids, attention_mask, task_ids) -> tuple[Array, list]:
+    """input_ids: int32[n, s] -> (encoded [n, s, embed], the encoder blocks' routing weights)."""
+    encoded, state = model.apply({"params": params}, input_ids, attention_mask,
+                                 task_ids=task_ids, method=model.encode, mutable=["router"])
+    return encoded, _adapter_weights(state)
 
 
 def _create_cache(model: T5, params, encoded, attention_mask, task_ids, max_length: int):
-    """encoded: [n, s, embed] -> a cache with room for `max_length` decoder positions."""
+    """encoded: [n, s, embed] -> (a cache with room for `max_length` decoder positions, the
+    decoder blocks' routing weights: they read task ids and the encoder, not the tokens)."""
     dummy = jnp.zeros((encoded.shape[0], max_length), jnp.int32)
     _, variables = model.apply({"params": params}, encoded, attention_mask, dummy,
                                task_ids=task_ids, decode=True, method=model.decode,
-                               mutable=["cache"])
-    return variables["cache"]
+                               mutable=["cache", "router"])
+    return variables["cache"], _adapter_weights(variables)
+
+
+def _adapter_weights(variables) -> list[Array]:
+    """Every [n, E] `adapter_weights` a routed block sowed into the 'router' collection."""
+    flat = jax.tree_util.tree_flatten_with_path(variables.get("router", {}))[0]
+    return [leaf for path, leaf in flat if "adapter_weights" in jax.tree_util.keystr(path)]
+
+
+def _mean_routing(encoder: list, decoder: list, beam_size: int = 1) -> Optional[Array]:
+    """The mean routing weights [b, E] over the routed blocks (None: no block routes).
+    Decoder weights come per beam ([b * beam_size, E]); every beam of an example has its."""
+    weights = encoder + [w[::beam_size] for w in decoder]
+    return jnp.mean(jnp.stack(weights), axis=0) if weights else None
 
 
 def _step(model: T5, params, cache, encoded, attention_mask, task_ids, tokens):
@@ -80,7 +95,7 @@ def _beam_reordered_leaves(cache, model: T5, params, encoded, attention_mask, ta
     def one_more_row(x):
         return None if x is None else jax.ShapeDtypeStruct((n + 1,) + x.shape[1:], x.dtype)
 
-    create = lambda e, m, t: _create_cache(model, params, e, m, t, max_length)
+    create = lambda e, m, t: _create_cache(model, params, e, m, t, max_length)[0]
     bigger = jax.eval_shape(create, one_more_row(encoded), one_more_row(attention_mask),
                             one_more_row(task_ids))
 
@@ -104,13 +119,14 @@ def _prepare(input_ids, attention_mask, task_ids):
 # --------------------------------------------------------------------------- greedy
 
 def _greedy(model: T5, params, input_ids, attention_mask, task_ids=None, *,
-            max_length: int) -> Array:
-    """input_ids: int32[b, s] -> int32[b, max_length]."""
+            max_length: int) -> tuple[Array, Optional[Array]]:
+    """input_ids: int32[b, s] -> (int32[b, max_length], routing weights [b, E] | None)."""
     c = model.config
     input_ids, attention_mask, task_ids = _prepare(input_ids, attention_mask, task_ids)
     b = input_ids.shape[0]
-    encoded = _encode(model, params, input_ids, attention_mask, task_ids)
-    cache = _create_cache(model, params, encoded, attention_mask, task_ids, max_length)
+    encoded, enc_routing = _encode(model, params, input_ids, attention_mask, task_ids)
+    cache, dec_routing = _create_cache(model, params, encoded, attention_mask, task_ids,
+                                       max_length)
 
     # (position to write, previous token [b], tokens [b, max_length], done [b], cache)
     def keep_going(state):
@@ -126,7 +142,8 @@ def _greedy(model: T5, params, input_ids, attention_mask, task_ids=None, *,
 
     init = (jnp.array(0, jnp.int32), jnp.full((b,), c.decoder_start_token_id, jnp.int32),
             jnp.full((b, max_length), c.pad_token_id, jnp.int32), jnp.zeros((b,), bool), cache)
-    return lax.while_loop(keep_going, one_position, init)[2]
+    return lax.while_loop(keep_going, one_position, init)[2], _mean_routing(enc_routing,
+                                                                             dec_routing)
 
 
 # --------------------------------------------------------------------------- beam search
@@ -144,8 +161,10 @@ class _Beams(NamedTuple):
 
 
 def _beam_search(model: T5, params, input_ids, attention_mask, task_ids=None, *,
-                 max_length: int, beam_size: int, length_penalty: float) -> tuple[Array, Array]:
-    """input_ids: int32[b, s] -> (tokens int32[b, max_length], scores float32[b])."""
+                 max_length: int, beam_size: int,
+                 length_penalty: float) -> tuple[Array, Array, Optional[Array]]:
+    """input_ids: int32[b, s] -> (tokens int32[b, max_length], scores float32[b],
+    routing weights [b, E] | None)."""
     c = model.config
     k, L, alpha = beam_size, max_length, length_penalty
     assert c.vocab_size >= 2 * k, "a step keeps 2 * beam_size candidates out of the vocabulary"
@@ -154,10 +173,10 @@ def _beam_search(model: T5, params, input_ids, attention_mask, task_ids=None, *,
     n = b * k
 
     # Every beam of an example sees the same encoder output: encode b rows, then repeat.
-    encoded = _encode(model, params, input_ids, attention_mask, task_ids)
+    encoded, enc_routing = _encode(model, params, input_ids, attention_mask, task_ids)
     repeat = lambda x: None if x is None else jnp.repeat(x, k, axis=0)  # [b, ...] -> [b*k, ...]
     encoded, attention_mask, task_ids = repeat(encoded), repeat(attention_mask), repeat(task_ids)
-    cache = _create_cache(model, params, encoded, attention_mask, task_ids, L)
+    cache, dec_routing = _create_cache(model, params, encoded, attention_mask, task_ids, L)
     reordered = _beam_reordered_leaves(cache, model, params, encoded, attention_mask, task_ids,
                                        L)
 
@@ -216,7 +235,7 @@ def _beam_search(model: T5, params, input_ids, attention_mask, task_ids=None, *,
                   jnp.ones((b,), bool), jnp.array(False), cache)
     final = lax.while_loop(keep_going, one_position, init)
     # The last step ends every candidate, so slot 0 always holds a finished hypothesis.
-    return final.done[:, 0], final.done_scores[:, 0]
+    return final.done[:, 0], final.done_scores[:, 0], _mean_routing(enc_routing, dec_routing, k)
 
 
 # --------------------------------------------------------------------------- public API
@@ -242,7 +261,7 @@ def greedy_decode(model: T5, params, input_ids, attention_mask=None, *,
     The model is a static argument (hashed); use `make_decoder` if its config is not hashable.
     """
     _check_settings(max_length, 1)
-    return _greedy_jit(model, params, input_ids, attention_mask, task_ids, max_length=max_length)
+    return _greedy_jit(model, params, input_ids, attention_mask, task_ids, max_length=max_length)[0]
 
 
 def beam_search(model: T5, params, input_ids, attention_mask=None, *,
@@ -255,26 +274,32 @@ def beam_search(model: T5, params, input_ids, attention_mask=None, *,
     """
     _check_settings(max_length, beam_size)
     return _beam_jit(model, params, input_ids, attention_mask, task_ids, max_length=max_length,
-                     beam_size=beam_size, length_penalty=float(length_penalty))
+                     beam_size=beam_size, length_penalty=float(length_penalty))[:2]
 
 
 def make_decoder(model: T5, *, method: str = "beam", max_length: int, beam_size: int = 4,
-                 length_penalty: float = 0.6) -> Callable[..., Array]:
+                 length_penalty: float = 0.6, routing: bool = False) -> Callable[..., Any]:
     """A jitted (params, input_ids, attention_mask, task_ids=None) -> tokens int32[b, max_length].
+
+    routing=True: -> (tokens, routing weights [b, E]): each example's mean adapter (or expert)
+    weights over the routed blocks, as sown by the encoder pass and the decoder's cache
+    creation (None for a model without routing). They cost nothing extra: the search computes
+    them anyway.
 
     Everything but the arrays is closed over, so the function compiles once per input shape
     and is reused by every evaluation.
     """
     _check_settings(max_length, beam_size)
     if method == "greedy":
-        fn = functools.partial(_greedy, model, max_length=max_length)
+        search = functools.partial(_greedy, model, max_length=max_length)
+        pick = lambda out: out if routing else out[0]
     elif method == "beam":
         search = functools.partial(_beam_search, model, max_length=max_length,
                                    beam_size=beam_size, length_penalty=float(length_penalty))
-        fn = lambda *args, **kwargs: search(*args, **kwargs)[0]
+        pick = lambda out: (out[0], out[2]) if routing else out[0]
     else:
         raise ValueError(f"decoding method must be 'beam' or 'greedy', got {method!r}")
-    return jax.jit(fn)
+    return jax.jit(lambda *args, **kwargs: pick(search(*args, **kwargs)))
 
 
 def decode_texts(tokens, tokenizer, eos_token_id: Optional[int] = None) -> list[str]:

@@ -2,7 +2,7 @@
 
 No PyTorch: safetensors files are read through numpy memory maps (bfloat16 via ml_dtypes).
 The raw config.json is read because transformers 5 rewrites `tie_word_embeddings`; the rule
-(MTA_SPEC.md): scale the decoder output iff `scale_decoder_outputs` (when present) else iff
+(docs/method.md, "The backbone"): scale the decoder output iff `scale_decoder_outputs` (when present) else iff
 `tie_word_embeddings`; the head is `lm_head.weight` when the file has it, else `shared.weight`.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mta_jax.errors import CheckpointFormatError
+from mta_jax.models import ffn as ffn_lib
 from mta_jax.models import t5 as t5_lib
 
 CONFIG_FILE = "config.json"
@@ -32,10 +34,6 @@ _IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointFormatError(ValueError):
-    """A Hugging Face folder, config or tensor that cannot be this model."""
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -168,7 +166,7 @@ def config_to_hf(config: t5_lib.T5Config) -> dict[str, Any]:
     return {
         "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
         "vocab_size": c.vocab_size, "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff,
-        "num_layers": c.num_layers, "num_decoder_layers": c.n_decoder_layers,
+        "num_layers": c.num_layers, "num_decoder_layers": c.num_layers_of("decoder"),
         "num_heads": c.num_heads,
         "relative_attention_num_buckets": c.relative_attention_num_buckets,
         "relative_attention_max_distance": c.relative_attention_max_distance,
@@ -188,7 +186,7 @@ def _layout(config: t5_lib.T5Config) -> dict[str, tuple[tuple[str, ...], str]]:
     c = config
     out = {"shared.weight": (("shared", "embedding"), "same")}
     ffn = ("wi_0", "wi_1") if c.is_gated else ("wi",)
-    for stack, n in (("encoder", c.num_layers), ("decoder", c.n_decoder_layers)):
+    for stack, n in (("encoder", c.num_layers), ("decoder", c.num_layers_of("decoder"))):
         out[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
             (stack, "relpos_bias", "rel_embedding"), "same")
         out[f"{stack}.final_layer_norm.weight"] = ((stack, "final_layer_norm", "scale"), "same")
@@ -261,7 +259,7 @@ def hf_to_backbone(tensors: Mapping[str, np.ndarray], config: t5_lib.T5Config,
         raise CheckpointFormatError(
             f"{where(next(iter(tensors), ''))}: missing tensor(s) {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''} (config says {config.num_layers} encoder / "
-            f"{config.n_decoder_layers} decoder layers, feed_forward_proj "
+            f"{config.num_layers_of('decoder')} decoder layers, feed_forward_proj "
             f"{config.feed_forward_proj!r})")
     allowed = set(layout) | set(_IGNORED) | {"lm_head.weight"}
     unexpected = sorted(n for n in tensors if n not in allowed)
@@ -319,8 +317,9 @@ def load_hf_t5(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32, ffn_plu
     """Load a Hugging Face T5 folder -> (T5 model, params).
 
     dtype is the computation dtype, param_dtype the storage dtype. With an `ffn_plug`
-    (e.g. an MTAConfig), its parameters are initialised from `rng` and then, where the plug
-    says so, from the pretrained FFN of their layer (`plug.init_from_pretrained`).
+    (e.g. an MTAConfig), its parameters are initialised from `rng`, and its stacked FFNs of
+    the backbone's shape (MTA's `ffn` adapters, MoE experts) start as copies of the
+    pretrained FFN of their layer (`assemble_params`).
     """
     config = read_config(path, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(param_dtype).name,
                          **config_overrides)
@@ -328,25 +327,28 @@ def load_hf_t5(path: str, dtype=jnp.float32, *, param_dtype=jnp.float32, ffn_plu
     backbone = hf_to_backbone(tensors, config, origin)
     config = config.replace(tie_word_embeddings="lm_head" not in backbone, ffn_plug=ffn_plug)
     model = t5_lib.T5(config)
-    return model, assemble_params(model, backbone, rng=rng)
+    return model, assemble_params(model, flax.traverse_util.flatten_dict(backbone), rng=rng)
 
 
 def assemble_params(model: t5_lib.T5, backbone: Mapping, *, rng: Optional[jax.Array] = None):
-    """Backbone arrays + freshly initialised plug parameters -> the model's full tree."""
+    """Backbone arrays (flat {path: array}) + the plug's parameters -> the model's full tree.
+
+    The plug's parameters are initialised from `rng`; stacked FFNs of the backbone's shape
+    then start as copies of their layer's pretrained FFN (`ffn.stacked_copies_of_dense`).
+    """
     config = model.config
     pdt = t5_lib.dtype_of(config.param_dtype)
-    flat_bb = flax.traverse_util.flatten_dict(backbone)
-    flat = flat_bb
+    flat = dict(backbone)
     if config.ffn_plug is not None:
         rng = jax.random.PRNGKey(0) if rng is None else rng
-        flat = flax.traverse_util.flatten_dict(nn.unbox(t5_lib.init_params(model, rng)))
+        boxed = t5_lib.init_params(model, rng)
+        flat = flax.traverse_util.flatten_dict(nn.unbox(boxed))
         # Backbone leaves overwrite the random ones; a plug that replaces the dense FFN has
-        # no such leaf in the model, and reads the pretrained FFN from `flat_bb` instead.
-        flat.update({k: v for k, v in flat_bb.items() if k in flat})
-        flat = config.ffn_plug.init_from_pretrained(flat, flat_bb)
-    params = flax.traverse_util.unflatten_dict(
+        # no such leaf in the model, and its stacked copies read the pretrained FFN instead.
+        flat.update({k: v for k, v in backbone.items() if k in flat})
+        flat.update(ffn_lib.stacked_copies_of_dense(boxed, backbone))
+    return flax.traverse_util.unflatten_dict(
         {k: jnp.asarray(np.asarray(v), dtype=pdt) for k, v in flat.items()})
-    return params
 
 
 def save_hf_t5(path: str, model: t5_lib.T5, params: Mapping) -> None:

@@ -1,15 +1,16 @@
 """Entry point: `python -m mta_jax.main --config=configs/demo.py --workdir=/tmp/mta_demo`.
 
 Every config field can be overridden on the command line, e.g. `--config.mta.top_k=1`.
-A user error (config, paths, data, checkpoints) exits 1 with one line `error: ...`;
-SIGTERM saves a checkpoint and exits 0, and the same command resumes.
+A user error (config, paths, data, checkpoints) exits 1 with one line `error: ...`; a
+non-finite loss exits 2 naming the step; SIGTERM saves a checkpoint and exits 0, and the
+same command resumes.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mta_jax.cli import quiet_libraries, user_errors
+from mta_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -21,19 +22,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    quiet_libraries()
+    cli.quiet_libraries()
     from mta_jax import train
+    from mta_jax.errors import TrainingError
     try:
-        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        with cli.one_line_errors():
+            train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.Preempted:
         logging.warning("preempted: checkpoint saved; rerun the same command to resume")
         return 0
-    except train.TrainingError as e:
+    except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

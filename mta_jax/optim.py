@@ -3,7 +3,7 @@
 Freezing is data, not code: a stage's `trainable` regex is matched against each parameter's
 path ('decoder/layers_11/ffn/mta/adapters/wo'); leaves that match are labelled 'trainable',
 the rest 'frozen'. `optax.multi_transform` gives frozen leaves `set_to_zero()`, which holds no
-optimizer state, and the train step takes gradients with respect to trainable leaves only.
+optimizer state; the train step (step.py) reads the same labels to trace no gradient for them.
 """
 from __future__ import annotations
 
@@ -29,11 +29,6 @@ def param_labels(params: Mapping, trainable: str) -> dict:
     flat = flax.traverse_util.flatten_dict(dict(params))
     return flax.traverse_util.unflatten_dict(
         {k: TRAINABLE if pattern.search(path_str(k)) else FROZEN for k in flat})
-
-
-def trainable_keys(labels: Mapping) -> frozenset:
-    flat = flax.traverse_util.flatten_dict(dict(labels))
-    return frozenset(k for k, v in flat.items() if v == TRAINABLE)
 
 
 def make_schedule(stage_cfg, num_steps: int) -> optax.Schedule:
@@ -88,14 +83,3 @@ def tree_bytes(tree: Any) -> int:
     leaves = jax.tree_util.tree_leaves(tree)
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves
                    if hasattr(x, "shape") and hasattr(x, "dtype")))
-
-
-def split_params(params: Mapping, keys: frozenset) -> tuple[dict, dict]:
-    """(trainable, frozen) flat dicts keyed by path tuples."""
-    flat = flax.traverse_util.flatten_dict(dict(params))
-    return ({k: v for k, v in flat.items() if k in keys},
-            {k: v for k, v in flat.items() if k not in keys})
-
-
-def merge_params(trainable: Mapping, frozen: Mapping) -> dict:
-    return flax.traverse_util.unflatten_dict({**frozen, **trainable})

@@ -14,12 +14,12 @@ from typing import Optional
 import ml_collections
 from absl import app, flags, logging
 
+from mta_jax import build, evaluation, scoring
 from mta_jax import checkpoint as ckpt_lib
-from mta_jax.cli import quiet_libraries, user_errors
 from mta_jax import data as data_lib
-from mta_jax import decoding, evaluation, metrics, sharding, train
+from mta_jax import cli
 from mta_jax.data import tokenize
-from mta_jax.models import t5 as t5_lib
+from mta_jax.errors import CheckpointError, ConfigError
 
 flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and <stage>/checkpoints).")
 flags.DEFINE_string("stage", None, "stage1 | stage2 (default: the last stage of the run).")
@@ -32,60 +32,54 @@ flags.DEFINE_integer("batch_size", None, "Decoding batch (default: config.eval.b
 def load_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise train.ConfigError(f"{path} does not exist: --workdir must be a training workdir")
+        raise ConfigError(f"{path} does not exist: --workdir must be a training workdir")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
 def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = None):
-    """-> (config, model, params, step, tokenizer) of a trained run."""
+    """-> (setup, stage, params, step) of a trained run (build.Setup, build.Stage)."""
     config = load_config(workdir)
     stage = stage or tuple(config.stages)[-1]
-    if stage not in train.STAGES:
-        raise train.ConfigError(f"--stage must be one of {train.STAGES}; got {stage!r}")
+    if stage not in build.STAGES:
+        raise ConfigError(f"--stage must be one of {build.STAGES}; got {stage!r}")
     ckpt_dir = os.path.join(workdir, stage, "checkpoints")
     if not os.path.isdir(ckpt_dir):
-        raise ckpt_lib.CheckpointError(f"{ckpt_dir}: no checkpoint of {stage} in this workdir")
-    init_dir = train.resolve_init_from(config.init_from)
-    tokenizer = data_lib.get_tokenizer(config.data.tokenizer or init_dir)
-    model = t5_lib.T5(train.model_config(config, stage, len(tokenizer), init_dir))
-    mesh = sharding.make_mesh(config.mesh)
-    abstract, _ = train._abstract_with_shardings(model, mesh, sharding.logical_rules(config.mesh))
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint of {stage} in this workdir")
+    setup = build.make_setup(config, training=False)
+    built = setup.stage(stage)
     with ckpt_lib.Checkpointer(ckpt_dir, max_to_keep=None, async_save=False,
                                keep_best_metric="eval/score") as ck:
         if not ck.all_steps():
-            raise ckpt_lib.CheckpointError(f"{ckpt_dir}: holds no checkpoint")
+            raise CheckpointError(f"{ckpt_dir}: holds no checkpoint")
         step = step if step is not None else (ck.best_step() or None)
-        step, params = ck.restore_params(step, params_target=abstract)
+        step, params = ck.restore_params(step, params_target=built.abstract_params)
     logging.info("predicting with %s step %d", stage, step)
-    return config, model, params, step, tokenizer
+    return setup, built, params, step
 
 
 def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
                  step: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, float]:
     """Writes predictions for every line of `input_path`; returns scores when targets exist."""
-    config, model, params, step, tokenizer = load_model(workdir, stage, step)
-    task_types = tuple(config.mta.task_types)
-    plug = model.config.ffn_plug
+    setup, built, params, step = load_model(workdir, stage, step)
+    config, task_types = setup.config, setup.task_types
     # In start_token mode routing reads the [START] token, so a line may omit its type.
-    default_type = task_types[0] if plug is not None and plug.selector == "start_token" else None
+    default_type = None if build.reads_task_type(config) else task_types[0]
     examples, report = data_lib.read_jsonl(input_path, task_types=task_types,
                                            on_bad_row=config.data.on_bad_row,
                                            default_type=default_type, split="predict")
-    if not examples:
-        raise data_lib.DataError(f"{input_path}: no usable example ({report.summary()})")
-    tokenized = tokenize.tokenize_with_config(examples, tokenizer, config.data, task_types, report)
+    tokenized = tokenize.tokenize_with_config(examples, setup.tokenizer, config.data, task_types,
+                                              report)
     eval_set = data_lib.EvalSet(examples, tokenized, report)
-    e = config.eval
-    decode_fn = decoding.make_decoder(model, method=e.decode, max_length=e.max_decode_length,
-                                      beam_size=e.beam_size, length_penalty=e.length_penalty)
-    preds = evaluation.generate_texts(decode_fn, params, eval_set, batch_size or e.batch_size,
-                                      tokenizer)
+    decode_fn = evaluation.make_decoder(built.model, config.eval)
+    preds, _, _ = evaluation.generate(decode_fn, params, eval_set,
+                                      batch_size or config.eval.batch_size, setup.tokenizer,
+                                      len(task_types))
     evaluation.write_predictions(output_path, examples, preds)
     scored = [(p, ex) for p, ex in zip(preds, examples) if ex.get("target")]
     if not scored or default_type is not None:
         return {}
-    return metrics.score([p for p, _ in scored], [ex["target"] for _, ex in scored],
+    return scoring.score([p for p, _ in scored], [ex["target"] for _, ex in scored],
                          [ex["type"] for _, ex in scored])
 
 
@@ -96,13 +90,10 @@ def main(argv):
         if not F[name].value:
             print(f"error: --{name} is required", file=sys.stderr)
             return 1
-    quiet_libraries()
-    try:
+    cli.quiet_libraries()
+    with cli.one_line_errors():
         scores = predict_file(F.workdir, F.input, F.output, stage=F.stage, step=F.step,
                               batch_size=F.batch_size)
-    except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     if scores:
         print(json.dumps(scores, indent=2))
     print(f"wrote {F.output}")

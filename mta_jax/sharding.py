@@ -31,6 +31,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mta_jax.errors import ShardingError
+
 PyTree = Any
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("gate_hidden", None),
     ("gate_out", None),
 )
-
-
-class ShardingError(ValueError):
-    """A mesh, batch size or model shape that cannot be laid out; the message names the numbers."""
 
 
 # ---------------------------------------------------------------------------------- mesh

@@ -12,12 +12,13 @@ T = max_target_length):
 """
 
 from mta_jax.data.config import get_data_config, validate_data_config
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
+from mta_jax.task_types import METRIC_BY_TYPE, TASK_TYPES
 from mta_jax.data.eval_set import EvalSet, build_eval_set
 from mta_jax.data.jsonl import read_jsonl
 from mta_jax.data.mixture import epoch_counts, mixture_rates
 from mta_jax.data.pipeline import BatchIterator, TrainPipeline, build_train_pipeline
-from mta_jax.data.registry import METRIC_BY_TYPE, TASK_TYPES, TASKS, Task, TfdsSource, get_task
+from mta_jax.data.registry import TASKS, Task, TfdsSource, get_task
 from mta_jax.data.report import DataReport
 from mta_jax.data.synthetic import synthetic_examples
 from mta_jax.data.tokenize import get_tokenizer, resolve_start_token_id

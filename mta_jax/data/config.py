@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.examples import ON_BAD_ROW
 from mta_jax.data.mixture import MIXTURES
 

@@ -10,8 +10,7 @@ import numpy as np
 
 from mta_jax.data import sources
 from mta_jax.data import tokenize
-from mta_jax.data.config import validate_data_config
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.report import DataReport
 
 
@@ -46,8 +45,9 @@ class EvalSet:
 def build_eval_set(
     data_cfg: ml_collections.ConfigDict, *, tokenizer: Any, task_types: Sequence[str]
 ) -> EvalSet:
-    """Every eval example of the configured source (capped per task by eval_max_examples)."""
-    validate_data_config(data_cfg)
+    """Every eval example of the configured source (capped per task by eval_max_examples).
+
+    `data_cfg` has passed `validate_data_config` (build.validate_config runs it once)."""
     examples, report = sources.load_examples(data_cfg, "eval", tuple(task_types))
     tokenized = tokenize.tokenize_with_config(examples, tokenizer, data_cfg, task_types, report)
     report.log()

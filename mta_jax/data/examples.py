@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.report import DataReport
 
 ON_BAD_ROW = ("error", "skip")

@@ -14,8 +14,8 @@ import os
 from typing import Any, Sequence
 
 from mta_jax.data import examples as ex
-from mta_jax.data.errors import DataError
-from mta_jax.data.registry import TASK_TYPES
+from mta_jax.errors import DataError
+from mta_jax.task_types import TASK_TYPES
 from mta_jax.data.report import DataReport
 
 REQUIRED_FIELDS = ("input", "target", "type")

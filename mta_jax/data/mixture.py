@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 
 MIXTURES = ("proportional", "equal", "temperature")
 

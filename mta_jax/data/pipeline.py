@@ -23,8 +23,7 @@ import numpy as np
 from mta_jax.data import mixture
 from mta_jax.data import sources
 from mta_jax.data import tokenize
-from mta_jax.data.config import validate_data_config
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.report import DataReport
 
 STATE_FORMAT = "mta_jax.data.BatchIterator/1"
@@ -134,11 +133,12 @@ def build_train_pipeline(
 ) -> TrainPipeline:
     """The training pipeline; `batch_size` is global, each process yields its share.
 
+    `data_cfg` has passed `validate_data_config` (build.validate_config runs it once).
+
     Batch (B = batch_size // process_count, S/T = max source/target length), int32:
       input_ids, attention_mask [B, S]; decoder_input_ids, labels, decoder_attention_mask
       [B, T]; task_ids [B] (index into task_types).
     """
-    validate_data_config(data_cfg)
     process_index, process_count = _process_layout(process_index, process_count)
     if batch_size <= 0 or batch_size % process_count:
         raise DataError(

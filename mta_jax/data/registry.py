@@ -13,18 +13,9 @@ from typing import Callable, Mapping
 
 from mta_jax.data import synthetic
 from mta_jax.data import templates
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
+from mta_jax.task_types import METRIC_BY_TYPE
 
-# The order fixes task ids and the selector's biased initialisation (MTA_SPEC.md).
-TASK_TYPES: tuple[str, ...] = ("classify", "nli", "mrc", "generate", "anaphora_resolution")
-
-METRIC_BY_TYPE: Mapping[str, str] = {
-    "classify": "accuracy",
-    "nli": "accuracy",
-    "anaphora_resolution": "accuracy",
-    "generate": "rouge_l_char",
-    "mrc": "f1_char",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +33,7 @@ class TfdsSource:
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    task_type: str  # one of TASK_TYPES
+    task_type: str  # one of task_types.TASK_TYPES
     source: TfdsSource | str  # a TfdsSource, or "synthetic"
     # tfds record -> RawExample | Filtered; None where the source yields examples.
     template: Callable[[Mapping], templates.RawExample | templates.Filtered] | None

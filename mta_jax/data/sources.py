@@ -11,7 +11,7 @@ from mta_jax.data import jsonl
 from mta_jax.data import registry
 from mta_jax.data import synthetic
 from mta_jax.data import tfds_sources
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.report import DataReport
 
 SPLITS = ("train", "eval")

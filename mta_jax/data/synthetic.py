@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 
 # (positive word, negative word): which side is "positive" is arbitrary but fixed.
 ANTONYMS: tuple[tuple[str, str], ...] = (

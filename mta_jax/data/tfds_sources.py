@@ -12,7 +12,7 @@ from typing import Sequence
 
 from mta_jax.data import examples as ex
 from mta_jax.data import templates
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.registry import Task, TfdsSource
 from mta_jax.data.report import DataReport
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mta_jax.data.errors import DataError
+from mta_jax.errors import DataError
 from mta_jax.data.registry import task_type_index
 from mta_jax.data.report import DataReport
 

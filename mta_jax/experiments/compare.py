@@ -20,18 +20,21 @@ import shlex
 import subprocess
 import sys
 import time
+from typing import Optional
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mta_jax.models import variants as variants_lib
+from mta_jax import build, cli
+from mta_jax.errors import ConfigError
+from mta_jax.experiments import summary as summary_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("out", None, "Study folder: one workdir per variant and seed, plus the report.")
 flags.DEFINE_integer("seeds", 3, "Seeds per variant: config.seed = 0 .. seeds - 1.")
-flags.DEFINE_list("variants", list(variants_lib.VARIANTS), "Variants to run, in report order.")
+flags.DEFINE_list("variants", list(build.VARIANTS), "Variants to run, in report order.")
 flags.DEFINE_integer("steps", 0, "Optimizer steps per run, all stages together "
                      "(0: the config's stage1 + stage2 steps).")
 flags.DEFINE_string("compilation_cache", "", "Folder for compiled programs, so that seeds of one "
@@ -51,8 +54,36 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
+def configure(config, variant: str, total_steps: Optional[int] = None):
+    """A copy of `config` set up for `variant` with `total_steps` optimizer steps in all.
+
+    MTA splits the steps between its stages in the config's stage1 : stage2 ratio; the other
+    variants spend them all in stage one. None: the config's stage1 + stage2 steps (MTA's total),
+    so every variant sees the same number of batches.
+    """
+    if variant not in build.VARIANTS:
+        raise ConfigError(f"variant must be one of {', '.join(build.VARIANTS)}; got {variant!r}")
+    s1, s2 = config.stage1.num_train_steps, config.stage2.num_train_steps
+    total = s1 + s2 if total_steps is None else int(total_steps)
+    if total < (2 if variant == "mta" else 1):
+        raise ConfigError(f"total steps must be >= 2 for 'mta' (one per stage), else >= 1; "
+                          f"got {total}")
+    out = config.copy_and_resolve_references()
+    out.variant = variant
+    out.stages = build.stages_for(variant)
+    if variant == "mta":
+        first = min(max(1, round(total * s1 / (s1 + s2))), total - 1)
+        out.stage1.num_train_steps, out.stage2.num_train_steps = first, total - first
+    else:
+        out.stage1.num_train_steps = total
+    return out
+
+
 def run_one(config, workdir: str) -> None:
-    """Trains one run unless its summary.json exists; records its wall time."""
+    """Trains one run unless its summary.json exists; records its wall time.
+
+    The run is the training entry point itself (`train.train_and_evaluate`, as
+    `python -m mta_jax.main` runs it): a study is a set of ordinary training runs."""
     from mta_jax import train
     if os.path.exists(os.path.join(workdir, "summary.json")):
         logging.info("%s: finished earlier, skipped", workdir)
@@ -66,11 +97,9 @@ def run_one(config, workdir: str) -> None:
 def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
               command: str = "") -> dict:
     """Runs (or finds) every variant x seed under `out`, then writes the report; returns results."""
-    from mta_jax.experiments import report
-
-    unknown = [v for v in variant_names if v not in variants_lib.VARIANTS]
+    unknown = [v for v in variant_names if v not in build.VARIANTS]
     if unknown or not variant_names:
-        raise app.UsageError(f"--variants must be a non-empty list of {', '.join(variants_lib.VARIANTS)}; "
+        raise app.UsageError(f"--variants must be a non-empty list of {', '.join(build.VARIANTS)}; "
                              f"got {list(variant_names)}")
     if num_seeds < 1:
         raise app.UsageError(f"--seeds must be >= 1; got {num_seeds}")
@@ -79,18 +108,18 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
     records: dict = {}
     total = len(variant_names) * num_seeds
     for i, (variant, seed) in enumerate((v, s) for v in variant_names for s in range(num_seeds)):
-        config = variants_lib.configure(base, variant, steps or None)
+        config = configure(base, variant, steps or None)
         config.seed = seed
         workdir = os.path.join(out, variant, f"seed{seed}")
         t0 = time.perf_counter()
         run_one(config, workdir)
-        record = report.run_record(workdir, batch)
+        record = summary_lib.run_record(workdir, batch)
         records.setdefault(variant, {})[seed] = record
         print(f"[{i + 1}/{total}] {variant} seed {seed}: overall "
               f"{record['scores'].get('overall', float('nan')):.4f} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    summary = report.aggregate(records)
+    summary = summary_lib.aggregate(records)
     stamp = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
     when = stamp(time.time())
     trained = stamp(max(os.path.getmtime(os.path.join(out, v, f"seed{s}", "summary.json"))
@@ -100,9 +129,9 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
               + (f"Command: `{command}`\n\n" if command else "")
               + f"Batch {batch}; {steps or 'config'} steps per run; seeds 0..{num_seeds - 1}.\n")
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report.markdown(summary, header=header))
-        routing = report.copy_routing(records, out)
-        loss = report.loss_plot(records, os.path.join(out, "loss_curves.png"))
+        f.write(summary_lib.markdown(summary, header=header))
+        routing = summary_lib.copy_routing(records, out)
+        loss = summary_lib.loss_plot(records, os.path.join(out, "loss_curves.png"))
         f.write("\n" + ("![loss curves](loss_curves.png)\n" if loss else ""))
         for path in routing:
             f.write(f"![{os.path.basename(path)}]({os.path.basename(path)})\n")
@@ -116,8 +145,6 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from mta_jax import cli
-    user_errors = cli.user_errors()
     cli.quiet_libraries()
     if FLAGS.compilation_cache != "none":
         import jax
@@ -125,11 +152,8 @@ def main(argv):
                           FLAGS.compilation_cache or os.path.join(FLAGS.out, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     command = "python -m mta_jax.experiments.compare " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
+    with cli.one_line_errors():
         run_study(FLAGS.config, FLAGS.out, FLAGS.variants, FLAGS.seeds, FLAGS.steps, command)
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -4,9 +4,9 @@
     task_moe:    y = h + FFN_{task(example)}( RMSNorm(h) )                          (hard routing)
 
 Both replace the dense FFN in the MTA blocks (`encoder_layers` / `decoder_layers`, the same
-syntax as mta.MTAConfig) with E FFN experts of the backbone's shape, stacked on the `adapter`
-axis (replicated, as MTA's adapters are) and initialised as copies of the pretrained FFN of
-their layer. Their parameters live under `<stack>/layers_<i>/ffn/moe`.
+syntax as mta.MTAConfig) with E FFN experts of the backbone's shape: one `ffn.StackedFFN` on
+the `adapter` axis (replicated, as MTA's adapters are), initialised as copies of the
+pretrained FFN of their layer. Their parameters live under `<stack>/layers_<i>/ffn/moe`.
 
 Switch routing follows Fedus et al. (2021) and flaxformer: each sequence is one routing
 group; a token goes to its argmax expert, first come first served, until the expert holds
@@ -23,99 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from mta_jax.models import mta as mta_lib
+from mta_jax.errors import ConfigError
+from mta_jax.models import ffn as ffn_lib
 from mta_jax.models import t5 as t5_lib
+from mta_jax.task_types import TASK_TYPES
 
 Array = jax.Array
-LayerSpec = mta_lib.LayerSpec
 
 
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """Which blocks a plug sits in: the MTA blocks' syntax, checked against stack depths.
-
-    Errors name `mta.<stack>_layers`: the variants read their placement from there.
-    """
-
-    encoder_layers: LayerSpec = "last"
-    decoder_layers: LayerSpec = "last"
-    task_types: tuple[str, ...] = mta_lib.TASK_TYPES  # task id i is task_types[i]
-
-    def __post_init__(self):
-        mta_lib.normalize_placement(self)
-        object.__setattr__(self, "task_types", tuple(self.task_types))
-
-    def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]:
-        return mta_lib.layer_indices(getattr(self, f"{stack}_layers"), stack, num_layers)
-
-    def applies_to(self, stack: str, layer: int, num_layers: int) -> bool:
-        return layer in self.layer_indices(stack, num_layers)
-
-    def validate(self, config: t5_lib.T5Config) -> None:
-        self.layer_indices("encoder", config.num_layers)
-        self.layer_indices("decoder", config.n_decoder_layers)
-
-
-def _check(ok: bool, field: str, rule: str, value: Any) -> None:
+def _check(ok: bool, field: str, rule: str, value) -> None:
     if not ok:
-        raise mta_lib.MTAConfigError(f"moe.{field} must be {rule}; got {value!r}")
-
-
-def copy_pretrained_ffn(flat: dict, backbone: Mapping, name: str, group: str) -> dict:
-    """Leaves `.../<name>/<group>/<w>` [E, ...] <- E copies of the layer's pretrained `mlp/<w>`."""
-    flat = dict(flat)
-    for key in list(flat):
-        if name in key and len(key) >= 2 and key[-2] == group:
-            dense = key[: key.index(name)] + ("mlp", key[-1])
-            if dense in backbone:
-                flat[key] = np.broadcast_to(backbone[dense], flat[key].shape).copy()
-    return flat
-
-
-# ----------------------------------------------------------------------------- the experts
-
-class ExpertFFNs(nn.Module):
-    """`num` FFNs of the backbone's shape stacked on the `adapter` axis (no Python loop).
-
-    Two ways in: dispatched tokens x [..., num, capacity, embed] (expert axis third from last)
-    go through their own expert; or x [b, l, embed] with `expert_ids` [b] runs each example
-    through one expert, whose weights are gathered per example.
-    """
-
-    config: t5_lib.T5Config
-    num: int
-
-    @nn.compact
-    def __call__(self, x: Array, expert_ids: Optional[Array] = None, *,
-                 deterministic: bool) -> Array:
-        c = self.config
-        dt, pdt = t5_lib.dtype_of(c.dtype), t5_lib.dtype_of(c.param_dtype)
-
-        def w(name, shape, axes, std):
-            init = nn.with_logical_partitioning(nn.initializers.normal(std), axes)
-            kernel = self.param(name, init, (self.num,) + shape, pdt).astype(dt)
-            # Out-of-range ids give NaN weights (loud under jit); train.py names them host-side.
-            return kernel if expert_ids is None else mta_lib.take_or_nan(kernel, expert_ids)
-
-        w_in = lambda name: w(name, (c.d_model, c.d_ff), ("adapter", "embed", "mlp"), c.d_model ** -0.5)
-        w_out = w("wo", (c.d_ff, c.d_model), ("adapter", "mlp", "embed"), c.d_ff ** -0.5)
-        # "n" is the expert axis (dispatched) or the batch axis (gathered weights).
-        spec_in, spec_out = ("...nce,nef->...ncf", "...ncf,nfe->...nce") if expert_ids is None \
-            else ("nle,nef->nlf", "nlf,nfe->nle")
-        project = lambda name: jnp.einsum(spec_in, x, w_in(name))
-        if c.is_gated:
-            h = c.activation(project("wi_0")) * project("wi_1")
-        else:
-            h = c.activation(project("wi"))
-        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
-        return jnp.einsum(spec_out, h, w_out)
+        raise ConfigError(f"moe.{field} must be {rule}; got {value!r}")
 
 
 # ----------------------------------------------------------------------------- Switch
@@ -162,26 +85,13 @@ def top1_dispatch(probs: Array, capacity: int) -> tuple[Array, Array, Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExpertPlacement(Placement):
-    """A plug whose FFN experts replace the dense FFN and start as copies of it on import."""
-
-    name: str = "moe"
-    replaces_dense = True
-
-    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict:
-        return copy_pretrained_ffn(flat, backbone, self.name, "experts")
-
-
-@dataclasses.dataclass(frozen=True)
-class SwitchConfig(ExpertPlacement):
+class SwitchConfig(t5_lib.FfnPlug):
     num_experts: int = 5
     capacity_factor: float = 1.25  # training: expert slots = ceil(factor * tokens / E) per group
     eval_capacity_factor: float = 2.0  # the same when deterministic (evaluation, decoding)
     load_balance_weight: float = 0.01  # Switch's alpha
     z_loss_weight: float = 1e-3  # ST-MoE's router z-loss coefficient
     router_init_std: float = 0.02  # flaxformer's router kernel initialisation
-    # The FfnPlug protocol, and what train.py / evaluation.py read from a plug.
-    selector = "token"  # routes on each token's hidden state: needs no task id
 
     def __post_init__(self):
         super().__post_init__()
@@ -191,12 +101,8 @@ class SwitchConfig(ExpertPlacement):
         for field in ("load_balance_weight", "z_loss_weight"):
             _check(getattr(self, field) >= 0, field, ">= 0", getattr(self, field))
 
-    @property
-    def num_adapters(self) -> int:  # columns of evaluation's routing heatmap
-        return self.num_experts
-
-    def make(self, config: t5_lib.T5Config, stack: str, layer: int, name: str) -> nn.Module:
-        return SwitchMoE(config, self, name=name)
+    def make(self, config: t5_lib.T5Config) -> nn.Module:
+        return SwitchMoE(config, self, name="moe")
 
 
 class SwitchMoE(nn.Module):
@@ -229,33 +135,31 @@ class SwitchMoE(nn.Module):
         self.sow("router", "expert_usage", dispatched / (x.shape[0] * m.num_experts * capacity))
         self.sow("router", "router_confidence", jnp.sum(combine) / jnp.maximum(dispatched, 1.0))
         self.sow("router", "fraction_tokens_left_behind", 1.0 - dispatched / (x.shape[0] * x.shape[1]))
-        # Per-example mean router probabilities: train.py's router/adapter_usage and the
-        # per-task routing heatmap of evaluation.py read this name.
-        self.sow("router", "adapter_weights", jnp.mean(probs, axis=1))
+        if not ctx.decode:
+            # Per-example mean router probabilities (router/adapter_usage and the routing
+            # heatmap). While decoding, the decoder's tokens are a cache's placeholders.
+            self.sow("router", "adapter_weights", jnp.mean(probs, axis=1))
 
-        dt = t5_lib.dtype_of(c.dtype)
-        expert_in = jnp.einsum("btec,btm->becm", dispatch.astype(dt), x)
-        expert_out = ExpertFFNs(c, m.num_experts, name="experts")(
-            expert_in, deterministic=deterministic)  # [b, E, C, embed]
-        return jnp.einsum("btec,becm->btm", combine.astype(dt), expert_out)
+        dt = jnp.dtype(c.dtype)
+        expert_in = jnp.einsum("btec,btm->ebcm", dispatch.astype(dt), x)  # [E, b, C, embed]
+        expert_out = ffn_lib.StackedFFN(c, num=m.num_experts, name="experts")(
+            expert_in, deterministic=deterministic)
+        return jnp.einsum("btec,ebcm->btm", combine.astype(dt), expert_out)
 
 
 # ----------------------------------------------------------------------------- task-level
 
 @dataclasses.dataclass(frozen=True)
-class TaskMoEConfig(ExpertPlacement):  # one expert per task type, in task_types' order
-    selector = "task"  # reads task_ids: train.py checks them against task_types host-side
+class TaskMoEConfig(t5_lib.FfnPlug):
+    task_types: tuple[str, ...] = TASK_TYPES  # one expert per task type, in this order
 
     def __post_init__(self):
         super().__post_init__()
+        object.__setattr__(self, "task_types", tuple(self.task_types))
         _check(len(self.task_types) >= 1, "task_types", "non-empty", self.task_types)
 
-    @property
-    def num_adapters(self) -> int:
-        return len(self.task_types)
-
-    def make(self, config: t5_lib.T5Config, stack: str, layer: int, name: str) -> nn.Module:
-        return TaskMoE(config, self, name=name)
+    def make(self, config: t5_lib.T5Config) -> nn.Module:
+        return TaskMoE(config, self, name="moe")
 
 
 class TaskMoE(nn.Module):
@@ -268,8 +172,9 @@ class TaskMoE(nn.Module):
     def __call__(self, x: Array, ctx: t5_lib.FfnContext, *, deterministic: bool) -> Array:
         """x: [b, l, embed] (already normed) -> [b, l, embed]."""
         if ctx.task_ids is None:
-            raise mta_lib.MTAConfigError("task_ids (int32[batch]) is required by variant 'task_moe'")
-        n = self.moe.num_adapters
+            raise ConfigError("task_ids (int32[batch]) is required by variant 'task_moe'")
+        n = len(self.moe.task_types)
         self.sow("router", "adapter_weights", jax.nn.one_hot(ctx.task_ids, n, dtype=jnp.float32))
-        return ExpertFFNs(self.config, n, name="experts")(
-            x, ctx.task_ids, deterministic=deterministic)
+        y = ffn_lib.StackedFFN(self.config, num=n, name="experts")(
+            x, deterministic=deterministic, select=ctx.task_ids[:, None])  # [b, l, 1, embed]
+        return y[:, :, 0]

@@ -8,15 +8,16 @@ Parity-relevant choices, all taken from the PyTorch reference:
   * pre-norm residual sub-layers, a final norm per stack;
   * v1.0 scales the decoder output by d_model**-0.5 before a head tied to the embedding.
 
-The FFN sub-layer is pluggable: `T5Config.ffn_plug` decides, per (stack, layer), whether a
-different module (the MTA block, a mixture-of-experts baseline, ...) replaces or joins the
-dense FFN. Every parameter carries logical axis names, so sharding needs no model change.
+The FFN sub-layer is pluggable: `T5Config.ffn_plug` (an `FfnPlug`) says in which blocks of
+each stack a different module (the MTA block, a mixture-of-experts baseline, ...) replaces or
+joins the dense FFN, and builds that module. Every parameter carries logical axis names, so
+sharding needs no model change.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, NamedTuple, Optional, Protocol
+from typing import Any, ClassVar, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -24,7 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from mta_jax.errors import ConfigError
+from mta_jax.models.ffn import StackedFFN
+
 Array = jax.Array
+# Blocks of one stack: "all" | "last" | "none" | block indices (negative count from the end).
+LayerSpec = Union[str, tuple[int, ...]]
+STACKS = ("encoder", "decoder")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _ACTIVATIONS = {
@@ -41,28 +48,6 @@ def dtype_of(name: str) -> Any:
     return _DTYPES[name]
 
 
-class FfnPlug(Protocol):
-    """What a replacement for the FFN sub-layer must say about itself (see mta.MTAConfig)."""
-
-    name: str  # module name: its parameters live under `<stack>/layers_<i>/<name>`
-    replaces_dense: bool  # False: the dense FFN stays and the plug's output is added to it
-    # What training, evaluation and prediction read from a plug:
-    selector: str  # how it routes: "task" (needs task ids), "start_token", "token", ...
-    task_types: tuple[str, ...]  # task id i is task_types[i]; rows of the routing heatmap
-    num_adapters: int  # columns of the routing heatmap (adapters, experts)
-
-    def applies_to(self, stack: str, layer: int, num_layers: int) -> bool: ...
-
-    def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]: ...
-
-    def validate(self, config: "T5Config") -> None: ...  # raise on a placement the stack lacks
-
-    def make(self, config: "T5Config", stack: str, layer: int, name: str) -> nn.Module: ...
-
-    # Flat parameters with the plug's modules filled from the pretrained FFN (hf.py).
-    def init_from_pretrained(self, flat: dict, backbone: Mapping) -> dict: ...
-
-
 class FfnContext(NamedTuple):
     """Per-example information a plugged FFN may route on."""
 
@@ -73,13 +58,57 @@ class FfnContext(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
+class FfnPlug:
+    """A module that replaces (or, `replaces_dense` False, is added to) the dense FFN of chosen
+    blocks: where it sits, and how it builds its module. Subclasses add their settings:
+    `mta.MTAConfig`, `moe.SwitchConfig`, `moe.TaskMoEConfig`, `adapters.SharedAdapterConfig`.
+
+    Placement errors name `mta.<stack>_layers`: every plug reads its blocks from there.
+    """
+
+    encoder_layers: LayerSpec = "last"  # encoder blocks that carry the plug
+    decoder_layers: LayerSpec = "last"  # decoder blocks, same syntax
+    replaces_dense: ClassVar[bool] = True  # False: the dense FFN stays, the plug's output is added
+
+    def __post_init__(self):
+        for stack in STACKS:
+            spec = getattr(self, f"{stack}_layers")
+            if isinstance(spec, str):
+                if spec not in ("all", "last", "none"):
+                    raise ConfigError(f"mta.{stack}_layers must be 'all', 'last', 'none' or a "
+                                      f"list of block indices; got {spec!r}")
+            else:
+                object.__setattr__(self, f"{stack}_layers", tuple(int(i) for i in spec))
+
+    def layer_indices(self, stack: str, num_layers: int) -> tuple[int, ...]:
+        """The sorted block indices of `stack` (of `num_layers` blocks) that carry the plug."""
+        spec = getattr(self, f"{stack}_layers")
+        if spec == "all":
+            return tuple(range(num_layers))
+        if spec == "last":
+            return (num_layers - 1,)
+        if spec == "none":
+            return ()
+        if any(not -num_layers <= i < num_layers for i in spec):
+            raise ConfigError(f"mta.{stack}_layers must be block indices in [-{num_layers}, "
+                              f"{num_layers - 1}] (the {stack} has {num_layers} blocks); "
+                              f"got {spec!r}")
+        return tuple(sorted({i % num_layers for i in spec}))
+
+    def make(self, config: "T5Config") -> nn.Module:
+        """The module of one plugged block; called inside the block's FFN sub-layer, it takes
+        (x [b, l, embed] normed, FfnContext, deterministic=...) -> [b, l, embed]."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
 class T5Config:
     vocab_size: int = 32128
     d_model: int = 512
     d_kv: int = 64
     d_ff: int = 2048
     num_layers: int = 6
-    num_decoder_layers: Optional[int] = None  # None: same as num_layers
+    num_decoder_layers: Optional[int] = None  # None: same as num_layers (num_layers_of)
     num_heads: int = 8
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
@@ -94,7 +123,7 @@ class T5Config:
     dtype: str = "float32"  # computation dtype
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # rematerialise each block in the backward pass
-    ffn_plug: Optional[Any] = None  # an FfnPlug (e.g. mta.MTAConfig) or None for plain T5
+    ffn_plug: Optional[FfnPlug] = None  # e.g. mta.MTAConfig; None for plain T5
 
     def __post_init__(self):
         dtype_of(self.dtype)
@@ -107,12 +136,15 @@ class T5Config:
                 f"feed_forward_proj must be '<act>' or 'gated-<act>' with act in "
                 f"{sorted(_ACTIVATIONS)}, got {self.feed_forward_proj!r}"
             )
-        if self.ffn_plug is not None and hasattr(self.ffn_plug, "validate"):
-            self.ffn_plug.validate(self)  # e.g. MTA block indices against the stack depths
+        if self.ffn_plug is not None:
+            for stack in STACKS:  # block indices against the stack depths, before any tracing
+                self.ffn_plug.layer_indices(stack, self.num_layers_of(stack))
 
-    @property
-    def n_decoder_layers(self) -> int:
-        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+    def num_layers_of(self, stack: str) -> int:
+        """Blocks in "encoder" or "decoder" (num_decoder_layers None: as many as the encoder)."""
+        if stack == "decoder" and self.num_decoder_layers is not None:
+            return self.num_decoder_layers
+        return self.num_layers
 
     @property
     def is_gated(self) -> bool:
@@ -234,7 +266,7 @@ class Attention(nn.Module):
         # Projections are plain 2-D matmuls against [embed, heads * kv] views of the weights
         # (free reshapes); only the small activations are transposed to head-major
         # [b, heads, length, kv], the layout the score and mixing dots read and the cache
-        # keeps. Einsums straight to head-major made XLA CPU transpose the weights at every
+        # keeps. Einsums straight to head-major made XLA re-lay out the weights at every
         # decoding step instead (benchmarks/README.md, decoding).
         def project(t, w):  # t: [b, l, embed], w: [embed, heads, kv] -> [b, heads, l, kv]
             y = t @ w.reshape(e, h * d).astype(dt)
@@ -267,26 +299,6 @@ class Attention(nn.Module):
         return out @ wo.reshape(h * d, e).astype(dt)
 
 
-class DenseFFN(nn.Module):
-    """T5's feed-forward network: wi (or wi_0, wi_1 when gated) -> act -> dropout -> wo."""
-
-    config: T5Config
-
-    @nn.compact
-    def __call__(self, x: Array, *, deterministic: bool) -> Array:
-        c = self.config
-        dt = dtype_of(c.dtype)
-        w = lambda name: _param(self, name, _normal(c.d_model ** -0.5), (c.d_model, c.d_ff),
-                                ("embed", "mlp"), c).astype(dt)
-        if c.is_gated:
-            hidden = c.activation(x @ w("wi_0")) * (x @ w("wi_1"))
-        else:
-            hidden = c.activation(x @ w("wi"))
-        hidden = nn.Dropout(c.dropout_rate)(hidden, deterministic=deterministic)
-        wo = _param(self, "wo", _normal(c.d_ff ** -0.5), (c.d_ff, c.d_model), ("mlp", "embed"), c)
-        return hidden @ wo.astype(dt)
-
-
 class FfnSubLayer(nn.Module):
     """The FFN sub-layer of one block: dense, plugged, or both (the plug added in parallel)."""
 
@@ -298,14 +310,13 @@ class FfnSubLayer(nn.Module):
     def __call__(self, x: Array, ctx: FfnContext, *, deterministic: bool) -> Array:
         c = self.config
         plug = c.ffn_plug
-        n = c.num_layers if self.stack == "encoder" else c.n_decoder_layers
-        plugged = plug is not None and plug.applies_to(self.stack, self.layer, n)
+        plugged = plug is not None and self.layer in plug.layer_indices(
+            self.stack, c.num_layers_of(self.stack))
         out = 0.0
         if not plugged or not plug.replaces_dense:
-            out = DenseFFN(c, name="mlp")(x, deterministic=deterministic)
+            out = StackedFFN(c, name="mlp")(x, deterministic=deterministic)
         if plugged:
-            module = plug.make(c, self.stack, self.layer, plug.name)
-            out = out + module(x, ctx, deterministic=deterministic)
+            out = out + plug.make(c)(x, ctx, deterministic=deterministic)
         return out
 
 
@@ -353,7 +364,7 @@ class Stack(nn.Module):
         """ids: int32[b, l]; mask: [b, l] (1 = token) -> normed hidden [b, l, embed]."""
         c = self.config
         is_dec = self.stack == "decoder"
-        n_layers = c.n_decoder_layers if is_dec else c.num_layers
+        n_layers = c.num_layers_of(self.stack)
         length = ids.shape[1]
         rel = RelativePositionBias(c, bidirectional=not is_dec, name="relpos_bias")
 

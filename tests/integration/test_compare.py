@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from mta_jax.models.variants import VARIANTS
+from mta_jax.build import VARIANTS
 from tests.integration import tiny
 
 ROUTED = ("switch_moe", "task_moe", "mta_stage1", "mta")  # the others have no routing heatmap

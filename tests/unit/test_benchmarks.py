@@ -15,6 +15,7 @@ import pytest
 from benchmarks import flops as F
 from benchmarks.workloads import random_params
 from mta_jax import decoding
+from mta_jax.errors import ConfigError
 from mta_jax.models import mta as M
 from mta_jax.models.t5 import T5, T5Config
 
@@ -166,7 +167,7 @@ def test_topk_gather_decodes_like_dense():
 
 
 def test_topk_compute_is_validated():
-    with pytest.raises(M.MTAConfigError, match=r"mta\.topk_compute must be 'dense' or 'gather'"):
+    with pytest.raises(ConfigError, match=r"mta\.topk_compute must be 'dense' or 'gather'"):
         M.MTAConfig(topk_compute="sparse")
 
 

@@ -252,6 +252,7 @@ def test_bad_config_names_the_field(tokenizer, field, value, match):
     cfg = _cfg(source="jsonl" if field == "train_path" else "synthetic")
     cfg[field] = value
     with pytest.raises(data.DataError, match=match):
+        data.validate_data_config(cfg)  # as build.validate_config runs it, before any data
         _pipeline(tokenizer, cfg)
 
 
@@ -259,7 +260,7 @@ def test_config_missing_a_field_is_named(tokenizer):
     cfg = _cfg()
     del cfg["num_workers"]
     with pytest.raises(data.DataError, match=r"lacks fields \['num_workers'\]"):
-        _pipeline(tokenizer, cfg)
+        data.validate_data_config(cfg)
 
 
 def test_every_config_field_has_a_comment():

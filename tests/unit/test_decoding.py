@@ -10,7 +10,7 @@ import pytest
 
 from mta_jax import decoding, load_hf_t5
 from mta_jax.models import t5 as t5_lib
-from tests.conftest import make_hf_t5
+from tests.helpers import make_hf_t5
 
 MAX_LENGTH = 8
 EOS, PAD, START = 1, 0, 0
@@ -202,16 +202,16 @@ class _TaskMemory(nn.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class _TaskMemoryPlug:
-    name: str = "task_memory"
-    replaces_dense: bool = False
+class _TaskMemoryPlug(t5_lib.FfnPlug):
+    """Added to the dense FFN of the decoder's first block."""
+
+    encoder_layers: t5_lib.LayerSpec = "none"
+    decoder_layers: t5_lib.LayerSpec = (0,)
+    replaces_dense = False
     num_tasks: int = 2
 
-    def applies_to(self, stack, layer, num_layers):
-        return stack == "decoder" and layer == 0
-
-    def make(self, config, stack, layer, name):
-        return _TaskMemory(self.num_tasks, name=name)
+    def make(self, config):
+        return _TaskMemory(self.num_tasks, name="task_memory")
 
 
 def test_beam_search_routes_on_task_ids_and_reorders_plug_state(tiny):

@@ -6,7 +6,7 @@ import pytest
 
 from mta_jax import CheckpointFormatError, load_hf_t5
 from mta_jax.hf import read_safetensors, write_safetensors
-from tests.conftest import make_hf_t5
+from tests.helpers import make_hf_t5
 
 
 @pytest.fixture(scope="module")

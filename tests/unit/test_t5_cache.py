@@ -4,12 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mta_jax.hf import abstract_params
 from mta_jax.models import t5 as t5_lib
+from tests.helpers import HF_TINY, init_params
 
-TINY = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, relative_attention_max_distance=20,
-            dropout_rate=0.0)
 SHAPES = {
     "v1_0": dict(feed_forward_proj="relu"),
     # v1.1: gated GELU, untied head, no output scaling, more decoder than encoder layers.
@@ -18,22 +15,6 @@ SHAPES = {
 }
 MAX_LENGTH = 9  # cache room; the target below uses fewer positions, the rest must stay unseen
 TARGET_LENGTH = 6
-
-
-def _random_params(model, seed=0):
-    """Random parameters drawn in numpy: compiling `model.init` costs seconds on CPU."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "scale":  # RMS norm
-            return np.ones(leaf.shape, np.float32)
-        # Fan-in scaling keeps activations and logits of order 1, so that float32 rounding
-        # stays well below the 1e-5 tolerance.
-        std = 1.0 if name == "embedding" else np.prod(leaf.shape[:-1]) ** -0.5
-        return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract_params(model))
 
 
 def _inputs(config):
@@ -51,9 +32,9 @@ def _inputs(config):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cached_steps_equal_full_forward(shape):
-    config = t5_lib.T5Config(**TINY, **SHAPES[shape])
+    config = t5_lib.T5Config(**HF_TINY, **SHAPES[shape])
     model = t5_lib.T5(config)
-    params = _random_params(model)
+    params = init_params(model)
     ids, mask, dec, task_ids = _inputs(config)
 
     # Jitted, because compiling once is faster than running a Flax model op by op.

@@ -4,7 +4,7 @@ import torch
 
 import jax.numpy as jnp
 from mta_jax import load_hf_t5, save_hf_t5
-from tests.conftest import make_hf_t5
+from tests.helpers import make_hf_t5
 
 
 def _batch(seed=0, vocab=96):
@@ -56,7 +56,7 @@ def test_config_reading_follows_the_rule(tmp_path, hf_shape):
     expected = {"v1_0": (True, True, "relu", 2), "v1_1_hf5": (True, False, "gated-gelu", 3),
                 "v1_1_old": (False, False, "gated-gelu", 1)}[hf_shape]
     assert (c.tie_word_embeddings, c.scale_decoder_outputs, c.feed_forward_proj,
-            c.n_decoder_layers) == expected
+            c.num_layers_of("decoder")) == expected
     assert ("lm_head" in params) == (not c.tie_word_embeddings)
 
 

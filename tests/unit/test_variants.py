@@ -6,18 +6,19 @@ import numpy as np
 import pytest
 
 from configs import default
-from mta_jax import train
-from mta_jax.models import adapters, moe, mta, variants
-from mta_jax.models.t5 import FfnContext, T5, T5Config, init_params
+from mta_jax import build, step
+from mta_jax.errors import ConfigError
+from mta_jax.experiments.compare import configure
+from mta_jax.models import adapters, ffn, moe, mta
+from mta_jax.models.t5 import FfnContext, T5
+from tests.helpers import TINY_T5 as TINY
+from tests.helpers import init_params
 
-TINY = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_heads=2,
-                dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-                scale_decoder_outputs=False)
 CTX = FfnContext(task_ids=None, route_hidden=None, decode=False, decode_index=None)
 
 
 def _config(variant):
-    config = variants.configure(default.get_config(), variant, total_steps=10)
+    config = configure(default.get_config(), variant, total_steps=10)
     config.mta.encoder_layers = config.mta.decoder_layers = "last"
     return config
 
@@ -26,18 +27,18 @@ def _flat(params):
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
 
 
-@pytest.mark.parametrize("variant", variants.VARIANTS)
+@pytest.mark.parametrize("variant", build.VARIANTS)
 def test_every_variant_builds_and_keeps_shapes(variant):
     config = _config(variant)
     assert tuple(config.stages) == (("stage1", "stage2") if variant == "mta" else ("stage1",))
-    plug = variants.ffn_plug(config, "stage1")
+    plug = build.ffn_plug(config, "stage1")
     assert (plug is None) == (variant == "dense")
     if variant.startswith("mta"):  # the MTA block itself is tested in test_mta.py
         assert isinstance(plug, mta.MTAConfig) and plug.top_k is None
-        assert variant == "mta_stage1" or variants.ffn_plug(config, "stage2").top_k == 2
+        assert variant == "mta_stage1" or build.ffn_plug(config, "stage2").top_k == 2
         return
     model = T5(TINY.replace(ffn_plug=plug))
-    params = flax.linen.unbox(init_params(model, jax.random.PRNGKey(0), batch=3))
+    params = init_params(model, batch=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, 64, (3, 7)))
     dec = ids[:, :5]
     logits, state = model.apply({"params": params}, ids, dec, task_ids=jnp.array([0, 1, 3]),
@@ -60,7 +61,7 @@ def test_every_variant_builds_and_keeps_shapes(variant):
         losses = _flat(state["losses"])
         assert len(losses) == 4  # two losses in each of two MoE blocks
         # Training logs every scalar router statistic, averaged over the MoE blocks.
-        metrics = train._router_metrics(state["router"])
+        metrics = step.router_metrics(state["router"])
         router = _flat(state["router"])
         balance = [v[0] for k, v in router.items() if k.endswith("/load_balancing_loss")]
         assert len(balance) == 2
@@ -74,36 +75,36 @@ def test_every_variant_builds_and_keeps_shapes(variant):
 def test_stage_two_plug_reads_topk_fields():
     config = _config("mta")
     config.mta.top_k, config.mta.topk_compute = 3, "gather"
-    plug = variants.ffn_plug(config, "stage2")
+    plug = build.ffn_plug(config, "stage2")
     assert (plug.top_k, plug.topk_compute, plug.num_shared_adapters) == (3, "gather", 1)
     config.mta.topk_compute = "sparse"
-    with pytest.raises(mta.MTAConfigError, match=r"mta\.topk_compute must be 'dense' or 'gather'"):
-        train.validate_config(config)
+    with pytest.raises(ConfigError, match=r"mta\.topk_compute must be 'dense' or 'gather'"):
+        build.validate_config(config)
 
 
 def test_stage_two_only_for_mta():
     config = _config("switch_moe")
     config.stages = ("stage1", "stage2")
-    with pytest.raises(train.ConfigError, match=r"config.stages must be \('stage1',\)"):
-        variants.ffn_plug(config, "stage1")
+    with pytest.raises(ConfigError, match=r"config.stages must be \('stage1',\)"):
+        build.ffn_plug(config, "stage1")
     config.variant = "moe"
-    with pytest.raises(train.ConfigError, match="config.variant must be one of"):
-        variants.ffn_plug(config, "stage1")
+    with pytest.raises(ConfigError, match="config.variant must be one of"):
+        build.ffn_plug(config, "stage1")
 
 
 def test_configure_splits_mta_steps_in_the_stage_ratio():
     base = default.get_config()  # stage1 10000 : stage2 5000
-    config = variants.configure(base, "mta", total_steps=30)
+    config = configure(base, "mta", total_steps=30)
     assert (config.stage1.num_train_steps, config.stage2.num_train_steps) == (20, 10)
-    assert variants.configure(base, "dense", total_steps=30).stage1.num_train_steps == 30
-    assert variants.configure(base, "task_moe").stage1.num_train_steps == 15000
+    assert configure(base, "dense", total_steps=30).stage1.num_train_steps == 30
+    assert configure(base, "task_moe").stage1.num_train_steps == 15000
     assert base.stage1.num_train_steps == 10000 and base.variant == "mta"  # a copy
 
 
 def test_shared_adapter_starts_as_the_plain_ffn():
-    plug = variants.ffn_plug(_config("shared_adapter"), "stage1")
+    plug = build.ffn_plug(_config("shared_adapter"), "stage1")
     model, plain = T5(TINY.replace(ffn_plug=plug)), T5(TINY)
-    params = flax.linen.unbox(init_params(model, jax.random.PRNGKey(1)))
+    params = init_params(model, seed=1)
     backbone = flax.traverse_util.unflatten_dict(
         {k: v for k, v in flax.traverse_util.flatten_dict(params).items() if "shared_adapter" not in k})
     ids = jnp.asarray(np.random.default_rng(1).integers(2, 64, (2, 6)))
@@ -205,25 +206,43 @@ def test_task_moe_routes_by_task_id():
     np.testing.assert_allclose(y, jnp.einsum("blf,bfe->ble", h, w["wo"]), rtol=1e-4, atol=1e-6)
     weights = flax.traverse_util.flatten_dict(state["router"])[("adapter_weights",)][0]
     np.testing.assert_array_equal(weights, np.eye(3)[[2, 0, 2]])
-    with pytest.raises(mta.MTAConfigError, match="task_ids"):
+    with pytest.raises(ConfigError, match="task_ids"):
         module.apply({"params": params}, x, CTX, deterministic=True)
 
 
 def test_experts_start_as_copies_of_the_pretrained_ffn():
-    plug = moe.SwitchConfig(num_experts=3)
-    flat = {("encoder", "layers_1", "ffn", "moe", "experts", "wo"): np.zeros((3, 24, 16)),
-            ("encoder", "layers_1", "ffn", "moe", "router"): np.zeros((16, 3))}
-    dense = np.random.default_rng(0).normal(size=(24, 16))
-    out = plug.init_from_pretrained(flat, {("encoder", "layers_1", "ffn", "mlp", "wo"): dense})
-    for e in range(3):
-        np.testing.assert_array_equal(out[("encoder", "layers_1", "ffn", "moe", "experts", "wo")][e], dense)
-    np.testing.assert_array_equal(out[("encoder", "layers_1", "ffn", "moe", "router")], 0.0)
+    model = T5(TINY.replace(ffn_plug=moe.SwitchConfig(num_experts=3)))
+    boxed = jax.eval_shape(lambda: init_params_boxed(model))
+    rng = np.random.default_rng(0)
+    dense = {("encoder", "layers_1", "ffn", "mlp", w): rng.normal(size=shape)
+             for w, shape in (("wi_0", (16, 24)), ("wi_1", (16, 24)), ("wo", (24, 16)))}
+    copies = ffn.stacked_copies_of_dense(boxed, dense)
+    # Exactly the encoder's experts (the decoder's FFN is not in `dense`); not the router.
+    assert sorted(copies) == sorted(("encoder", "layers_1", "ffn", "moe", "experts", w)
+                                    for w in ("wi_0", "wi_1", "wo"))
+    for (*_, w), value in copies.items():
+        assert value.shape[0] == 3
+        for e in range(3):
+            np.testing.assert_array_equal(value[e], dense[("encoder", "layers_1", "ffn", "mlp", w)])
+
+
+def test_bottleneck_adapters_are_not_copies_of_the_ffn():
+    plug = mta.MTAConfig(adapter_kind="bottleneck", adapter_dim=24, encoder_layers="last",
+                         decoder_layers="last")  # the FFN's width, yet not an FFN copy
+    boxed = jax.eval_shape(lambda: init_params_boxed(T5(TINY.replace(ffn_plug=plug))))
+    dense = {("encoder", "layers_1", "ffn", "mlp", "wo"): np.ones((24, 16))}
+    assert ffn.stacked_copies_of_dense(boxed, dense) == {}
+
+
+def init_params_boxed(model):
+    from mta_jax.models.t5 import init_params as boxed_init
+    return boxed_init(model, jax.random.PRNGKey(0))
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(mta.MTAConfigError, match="moe.capacity_factor"):
+    with pytest.raises(ConfigError, match="moe.capacity_factor"):
         moe.SwitchConfig(capacity_factor=0.0)
-    with pytest.raises(mta.MTAConfigError, match="mta.encoder_layers"):
+    with pytest.raises(ConfigError, match="mta.encoder_layers"):
         T5(TINY.replace(ffn_plug=moe.TaskMoEConfig(encoder_layers=(5,))))
-    with pytest.raises(mta.MTAConfigError, match="moe.adapter_dim"):
+    with pytest.raises(ConfigError, match="moe.adapter_dim"):
         adapters.SharedAdapterConfig(adapter_dim=0)

@@ -1,7 +1,7 @@
 """Per-type scores on hand-checked examples (the expected numbers are worked out in comments)."""
 import pytest
 
-from mta_jax import metrics
+from mta_jax import scoring as metrics
 
 EPS = 1e-7  # the reference's Rouge-L F carries a 1e-8 in its denominator
 
@@ -123,6 +123,6 @@ def test_score_needs_examples():
 
 
 def test_metric_for_type_table():
-    assert metrics.METRIC_FOR_TYPE == {"classify": "accuracy", "nli": "accuracy",
+    assert metrics.METRIC_BY_TYPE == {"classify": "accuracy", "nli": "accuracy",
                                        "anaphora_resolution": "accuracy",
                                        "generate": "rouge_l_char", "mrc": "f1_char"}

@@ -40,16 +40,11 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Mapping, Sequence, Union
+from typing import Sequence, Union
 
-METRIC_FOR_TYPE: Mapping[str, str] = {
-    "classify": "accuracy",
-    "nli": "accuracy",
-    "anaphora_resolution": "accuracy",
-    "generate": "rouge_l_char",
-    "mrc": "f1_char",
-}
-KNOWN_TYPES = tuple(METRIC_FOR_TYPE)
+from mta_jax.task_types import METRIC_BY_TYPE
+
+KNOWN_TYPES = tuple(METRIC_BY_TYPE)
 
 # What the reference scores an empty prediction as (it never equals a lower-cased target).
 EMPTY_PREDICTION = "None"
@@ -221,11 +216,11 @@ def score(predictions: Sequence[str], targets: Sequence[Target], types: Sequence
     per_type: dict[str, list[float]] = {}
     mrc_em: list[float] = []
     for i, (pred, target, kind) in enumerate(zip(predictions, targets, types)):
-        if kind not in METRIC_FOR_TYPE:
+        if kind not in METRIC_BY_TYPE:
             raise ValueError(f"example {i}: unknown task type {kind!r}; known types: {', '.join(KNOWN_TYPES)}")
         target = normalize(_target_text(target))
         pred = normalize(pred) or EMPTY_PREDICTION
-        metric = METRIC_FOR_TYPE[kind]
+        metric = METRIC_BY_TYPE[kind]
         if metric == "accuracy":
             value = float(pred == target)
         elif metric == "rouge_l_char":

@@ -1,0 +1,131 @@
+"""T5's feed-forward network, and any number of them stacked on an `adapter` axis.
+
+    FFN(x) = wo( dropout( act(x wi) ) )               T5 v1.0 (ReLU)
+    FFN(x) = wo( dropout( act(x wi_0) * (x wi_1) ) )  T5 v1.1 / Flan-T5 (gated GELU)
+
+One module serves every FFN of the project: the backbone's dense FFN (`num=None`), MTA's task
+and shared adapters, the Switch and task-level MoE experts and the shared-adapter baseline
+(`num=E`). Stacked weights are [E, embed, width] and [E, width, embed]; the adapter axis is a
+batch axis of both products, so XLA runs E plain matmuls on the weights as they are stored
+(contracting it as a free axis made XLA transpose every adapter matrix: benchmarks/README.md).
+
+Two kinds: `ffn` has the backbone's shape and activation (axis `mlp`, shardable like the dense
+FFN); `bottleneck` is embed -> width -> embed with ReLU (axis `adapter_mlp`) and starts as an
+exact no-op (its `wo` is zero).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+KINDS = ("ffn", "bottleneck")
+STACK_AXIS = "adapter"
+
+
+def take_or_nan(table: Array, ids: Array) -> Array:
+    """table[ids] along axis 0, with NaN rows where an id is out of range.
+
+    Inside jit an out-of-range id cannot raise; a NaN row makes it loud rather than silently
+    clamped to the last row.
+    """
+    ids = jnp.asarray(ids)
+    valid = (ids >= 0) & (ids < table.shape[0])
+    rows = jnp.take(table, jnp.clip(ids, 0, table.shape[0] - 1), axis=0)
+    return jnp.where(valid.reshape(valid.shape + (1,) * (rows.ndim - ids.ndim)), rows, jnp.nan)
+
+
+class StackedFFN(nn.Module):
+    """`num` FFNs on a leading `adapter` axis (`num=None`: one FFN, no such axis).
+
+    Attributes:
+      config: the backbone's T5Config (dtypes, d_model, d_ff, dropout, activation).
+      num: how many FFNs are stacked; None for the plain dense FFN.
+      kind: "ffn" (the backbone's shape) or "bottleneck" (width `width`, ReLU, zero `wo`).
+      width: hidden width; None means config.d_ff.
+    """
+
+    config: "object"  # models.t5.T5Config (not imported: t5.py builds on this module)
+    num: Optional[int] = None
+    kind: str = "ffn"
+    width: Optional[int] = None
+
+    @nn.compact
+    def __call__(self, x: Array, *, deterministic: bool, select: Optional[Array] = None) -> Array:
+        """Three ways in:
+
+          num None:        x [..., embed] -> [..., embed]
+          num E:           x [E, ..., embed], slice e through FFN e -> [E, ..., embed]
+          num E, select:   x [b, l, embed], select int[b, k]: each example through its k
+                           chosen FFNs (weights gathered per example; an id outside [0, E)
+                           gives NaN) -> [b, l, k, embed]
+        """
+        c = self.config
+        ffn = self.kind == "ffn"
+        width = self.width or c.d_ff
+        width_axis = "mlp" if ffn else "adapter_mlp"
+        stack = () if self.num is None else (self.num,)
+        stack_axes = () if self.num is None else (STACK_AXIS,)
+        dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+
+        def weight(name, shape, axes, init):
+            w = self.param(name, nn.with_logical_partitioning(init, stack_axes + axes),
+                           stack + shape, pdt).astype(dt)
+            return w if select is None else take_or_nan(w, select)
+
+        w_in = lambda name: weight(name, (c.d_model, width), ("embed", width_axis),
+                                   nn.initializers.normal(c.d_model ** -0.5))
+        w_out = weight("wo", (width, c.d_model), (width_axis, "embed"),
+                       nn.initializers.normal(width ** -0.5) if ffn else nn.initializers.zeros)
+        if self.num is None:
+            spec_in, spec_out = "...e,ef->...f", "...f,fe->...e"
+        elif select is None:
+            spec_in, spec_out = "n...e,nef->n...f", "n...f,nfe->n...e"
+        else:
+            spec_in, spec_out = "ble,bkef->blkf", "blkf,bkfe->blke"
+        project = lambda name: jnp.einsum(spec_in, x, w_in(name))
+        if ffn and c.is_gated:
+            h = c.activation(project("wi_0")) * project("wi_1")
+        else:
+            h = (c.activation if ffn else nn.relu)(project("wi"))
+        h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+        return jnp.einsum(spec_out, h, w_out)
+
+
+def dense_ffn_path(path: tuple) -> tuple:
+    """`<stack>/layers_<i>/ffn/<plug>/.../<w>` -> that layer's dense `<stack>/layers_<i>/ffn/mlp/<w>`."""
+    return tuple(path[:3]) + ("mlp", path[-1])
+
+
+def stacked_copies_of_dense(boxed_params: Mapping, dense: Mapping) -> dict:
+    """The leaves of stacked FFNs of the backbone's shape, each E copies of its layer's dense FFN.
+
+    boxed_params: a parameter tree whose leaves carry logical axis names (`nn.Partitioned`,
+      e.g. from `jax.eval_shape(model.init, ...)`); stacked `ffn`-kind leaves are the ones
+      named ("adapter", "embed", "mlp") or ("adapter", "mlp", "embed").
+    dense: flat {path: array} holding the dense FFN of each plugged layer (a pretrained
+      backbone), e.g. from `hf.hf_to_backbone`.
+
+    Returns {path: array} for every such leaf whose dense counterpart is in `dense`: this is
+    how MTA's `ffn` adapters, its shared adapters and the MoE experts start from a pretrained
+    FFN. Bottleneck adapters (`adapter_mlp`) are not copies of anything.
+    """
+    import flax
+
+    flat = flax.traverse_util.flatten_dict(
+        dict(boxed_params), is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
+    out = {}
+    for path, leaf in flat.items():
+        names = tuple(getattr(leaf, "names", ()))
+        if names[:1] != (STACK_AXIS,) or set(names[1:]) != {"embed", "mlp"}:
+            continue
+        source = dense.get(dense_ffn_path(path))
+        if source is not None:
+            shape = getattr(leaf, "value", leaf).shape
+            out[path] = np.broadcast_to(np.asarray(source), shape).copy()
+    return out

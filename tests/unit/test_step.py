@@ -1,0 +1,132 @@
+"""The train step: freezing from the labels alone, no frozen weight gradient in the compiled
+program, gradient accumulation equal to the full batch."""
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs.default import stage_config
+from mta_jax import optim, step as step_lib
+from mta_jax.models import mta as M
+from mta_jax.models.t5 import T5
+from tests.helpers import TINY_T5, init_params
+
+CFG = TINY_T5.replace(num_layers=1, feed_forward_proj="relu", tie_word_embeddings=True,
+                      scale_decoder_outputs=True,
+                      ffn_plug=M.MTAConfig(encoder_layers="last", decoder_layers="last", top_k=2,
+                                           num_shared_adapters=1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = T5(CFG)
+    params = jax.tree.map(jnp.asarray, init_params(model))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(2, 64, (4, 7)), "attention_mask": np.ones((4, 7)),
+             "decoder_input_ids": rng.integers(2, 64, (4, 5)), "labels": rng.integers(2, 64, (4, 5)),
+             "decoder_attention_mask": np.ones((4, 5)), "task_ids": np.array([0, 1, 3, 3])}
+    batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+    return model, params, batch
+
+
+def _stage(trainable, **changes):
+    s = stage_config(num_train_steps=10, learning_rate=1e-2, trainable=trainable)
+    for k, v in changes.items():
+        s[k] = v
+    return s
+
+
+def _step(model, params, trainable, stage=None, **kw):
+    labels = optim.param_labels(params, trainable)
+    tx, _ = optim.make_optimizer(stage or _stage(trainable), 10, labels)
+    return jax.jit(step_lib.make_train_step(model, tx, labels, **kw)), tx.init(params), labels
+
+
+def test_stage_two_step_changes_only_trainable_leaves(setup):
+    model, params, batch = setup
+    step, opt_state, labels = _step(model, params, "mta")
+    new, _, metrics = step(params, opt_state, batch, jax.random.PRNGKey(0))
+    flat_old, flat_new = (flax.traverse_util.flatten_dict(p) for p in (params, new))
+    flat_labels = flax.traverse_util.flatten_dict(labels)
+    changed = {k for k, v in flat_old.items()
+               if not np.array_equal(np.asarray(flat_new[k]), np.asarray(v))}
+    assert changed and all(flat_labels[k] == optim.TRAINABLE for k in changed)
+    assert ("decoder", "layers_0", "ffn", "mta", "gate_out", "kernel") in changed
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def _dots(fn, *args) -> int:
+    """dot instructions in the optimised, compiled program of fn(*args) (fusions included)."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return len(re.findall(r"\bdot\(", text))
+
+
+def test_compiled_stage_two_step_has_no_frozen_weight_gradient(setup):
+    model, params, batch = setup
+    rng = jax.random.PRNGKey(0)
+    step2, s2, labels = _step(model, params, "mta")
+    step1, s1, _ = _step(model, params, ".*")
+    loss_fn = step_lib.make_loss_fn(model)
+    flat = flax.traverse_util.flatten_dict(params)
+    flat_labels = flax.traverse_util.flatten_dict(labels)
+    frozen = {k: v for k, v in flat.items() if flat_labels[k] == optim.FROZEN}
+
+    def minimal(trainable, batch):
+        """The least a stage-two step must compute: the gradient of the trainable leaves,
+        the frozen ones closed over as constants."""
+        def loss(t):
+            merged = flax.traverse_util.unflatten_dict({**frozen, **t})
+            return loss_fn(merged, batch, rng, 20.0)[0]
+        return jax.grad(loss)(trainable)
+
+    trainable = {k: v for k, v in flat.items() if k not in frozen}
+    ours = _dots(lambda p, o, b: step2(p, o, b, rng), params, s2, batch)
+    least = _dots(minimal, trainable, batch)
+    everything = _dots(lambda p, o, b: step1(p, o, b, rng), params, s1, batch)
+    forward = _dots(lambda p, b: loss_fn(p, b, rng, 20.0)[0], params, batch)
+    # Stage two runs exactly the matmuls of the minimal gradient (its optimizer adds none);
+    # a step that also took the frozen backbone's weight gradients runs many more.
+    assert ours == least, (ours, least)
+    assert everything > ours + 10 and ours > forward, (everything, ours, forward)
+
+
+def _keep_gradient(labels):
+    """An optimizer whose state is the last gradient it saw and whose updates are zero."""
+    keep = optax.GradientTransformation(
+        lambda p: jax.tree.map(jnp.zeros_like, p),
+        lambda g, state, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+    return optax.multi_transform({optim.TRAINABLE: keep, optim.FROZEN: optax.set_to_zero()},
+                                 labels)
+
+
+@pytest.mark.parametrize("trainable", [".*", "mta"])
+def test_gradient_accumulation_equals_the_full_batch(setup, trainable):
+    model, params, batch = setup
+    labels = optim.param_labels(params, trainable)
+    tx = _keep_gradient(labels)
+    state = tx.init(params)
+    rng = jax.random.PRNGKey(0)
+    full = jax.jit(step_lib.make_train_step(model, tx, labels))
+    accum = jax.jit(step_lib.make_train_step(model, tx, labels, grad_accum_steps=2))
+    _, g_full, m_full = full(params, state, batch, rng)
+    _, g_acc, m_acc = accum(params, state, batch, rng)
+    assert float(m_acc["loss"]) == pytest.approx(float(m_full["loss"]), rel=1e-6)
+    assert float(m_acc["grad_norm"]) == pytest.approx(float(m_full["grad_norm"]), rel=1e-6)
+    leaves_full, leaves_acc = jax.tree.leaves(g_full), jax.tree.leaves(g_acc)
+    assert len(leaves_full) == len(leaves_acc) > 0
+    scale = max(float(jnp.max(jnp.abs(g))) for g in leaves_full)
+    for a, b in zip(leaves_full, leaves_acc):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6 * scale)
+
+
+def test_adafactor_clipping_and_weight_decay_build_and_step(setup):
+    model, params, batch = setup
+    stage = _stage(".*", optimizer="adafactor", grad_clip_norm=1.0, weight_decay=0.01)
+    step, state, _ = _step(model, params, ".*", stage)
+    new, _, metrics = step(params, state, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["grad_norm"]))
+    assert not np.array_equal(np.asarray(new["shared"]["embedding"]), np.asarray(params["shared"]["embedding"]))
