@@ -136,11 +136,6 @@ def top_k_weights(weights: Array, k: int, renormalize: bool) -> Array:
     return keep_weights(weights, idx, renormalize)
 
 
-def own_adapter_ids(mta: MTAConfig, task_ids: Array) -> Array:
-    """task_ids: int[batch] -> int32[batch, 2]: each example's own adapters {t, t+1} mod E."""
-    return jnp.take(jnp.asarray(mta.own_adapters()), task_ids, axis=0)
-
-
 def select_adapters(weights: Array, task_ids: Optional[Array], mta: MTAConfig) -> Array:
     """Stage two's selection (mta.stage2_selection), unkept weights zeroed: [b, E] -> [b, E].
 
@@ -148,7 +143,8 @@ def select_adapters(weights: Array, task_ids: Optional[Array], mta: MTAConfig) -
     released MTA_sharemoe4: they sum to less than one unless mta.renormalize.
     """
     if mta.stage2_selection == "own":
-        return keep_weights(weights, own_adapter_ids(mta, task_ids), mta.renormalize)
+        own = jnp.take(jnp.asarray(mta.own_adapters()), task_ids, axis=0)  # [b, 2]
+        return keep_weights(weights, own, mta.renormalize)
     return top_k_weights(weights, mta.top_k, mta.renormalize)
 
 
@@ -205,7 +201,7 @@ class MTABlock(nn.Module):
         if m.top_k is not None:
             weights = select_adapters(weights, ctx.task_ids, m)
         self.sow("router", "adapter_weights", weights)
-        y_task = self._task_adapters(x, weights, ctx.task_ids, deterministic)
+        y_task = self._task_adapters(x, weights, deterministic)
         if m.num_shared_adapters == 0:
             return y_task
 
@@ -223,18 +219,15 @@ class MTABlock(nn.Module):
                                   width=None if m.adapter_kind == "ffn" else m.adapter_dim,
                                   name=name)
 
-    def _task_adapters(self, x: Array, weights: Array, task_ids: Optional[Array],
-                       deterministic: bool) -> Array:
+    def _task_adapters(self, x: Array, weights: Array, deterministic: bool) -> Array:
         """sum_e w_be A_e(x): x [b, l, embed], weights [b, E] -> [b, l, embed]."""
         m = self.mta
         adapters = self._adapters("adapters", m.num_adapters)
         dt = x.dtype
         if m.top_k is not None and m.topk_compute == "gather":
-            if m.stage2_selection == "own":
-                kept = own_adapter_ids(m, task_ids)  # [b, k]
-                kept_weights = jnp.take_along_axis(weights, kept, axis=-1)
-            else:
-                kept_weights, kept = lax.top_k(weights, m.top_k)  # [b, k]
+            # The selection zeroed the unkept weights, so the k largest are the kept ones (a
+            # kept weight that underflowed to 0 adds nothing either way).
+            kept_weights, kept = lax.top_k(weights, m.top_k)  # [b, k]
             y = adapters(x, deterministic=deterministic, select=kept)  # [b, l, k, embed]
             return jnp.einsum("blke,bk->ble", y, kept_weights.astype(dt))
         y = adapters(_broadcast(x, m.num_adapters), deterministic=deterministic)  # [E, b, l, e]
