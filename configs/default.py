@@ -69,7 +69,7 @@ def get_config():
     t.init_bias = 0.02  # ... plus init_bias for a task's own adapters {t, t+1} mod E
     t.top_k = 2  # stage two: adapters kept per example (stage one keeps all)
     t.renormalize = False  # stage two: renormalise the kept top-k weights (released: no)
-    t.stage2_selection = "top_k"  # stage two: keep the "top_k" largest | "own": task t's {t, t+1} mod E
+    t.stage2_selection = "top_k"  # stage two: keep the "top_k" largest | "own": task t's {t, t+1}
     # stage two: "dense" runs every adapter, unkept weights zero | "gather": only the k kept
     t.topk_compute = "dense"
     t.num_shared_adapters = 1  # stage two: adapters shared by every task, mixed by the gate

@@ -89,8 +89,8 @@ class Evaluator:
         examples = self.eval_set.examples
         preds, total, count = generate(self.decode_fn, params, self.eval_set, self.batch_size,
                                        self.tokenizer, num_types=len(self.task_types))
-        scores = scoring.score(preds, [e["target"] for e in examples], [e["type"] for e in examples],
-                               pool_anaphora=self.pool_anaphora)
+        scores = scoring.score(preds, [e["target"] for e in examples],
+                               [e["type"] for e in examples], pool_anaphora=self.pool_anaphora)
         if jax.process_index() == 0:
             write_predictions(os.path.join(self.out_dir, f"predictions_{step}.jsonl"), examples, preds)
             if total is not None:

@@ -24,10 +24,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byt5"  # "byt5" (bytes, no files), T5 tokenizer dir / HF name; "" = caller's own
     c.max_source_length = 40  # input tokens per example, padded/truncated, incl. [START] and EOS
     c.max_target_length = 16  # target tokens per example, padded/truncated, incl. EOS
-    c.eval_max_source_length = 0  # input tokens when evaluating and predicting (0 = max_source_length)
-    # The decoder's first input in training: "" = the pad id (decoding always starts from pad),
-    # a token such as "<e>" (added to the tokenizer if new), or an id in digits.
-    c.train_decoder_start = ""
+    c.eval_max_source_length = 0  # input tokens in evaluation and prediction; 0 = max_source_length
+    c.train_decoder_start = ""  # training decoder's first input: "" = pad | a token ("<e>") | an id
     c.mixture = "proportional"  # task sampling rates: "proportional" | "equal" | "temperature"
     c.mixture_temperature = 2.0  # temperature T of the "temperature" mixture (rate ~ n^(1/T))
     c.mixture_cap = 0  # examples per task counted when computing rates and epoch size (0 = no cap)

@@ -92,7 +92,8 @@ def test_defaults_keep_the_top_k_selection_and_the_biased_gate_of_width_128():
     plug = M.MTAConfig(top_k=2, num_shared_adapters=1)
     _, params, _, _ = _block(plug, ["classify"] * 6)
     assert params["gate_hidden"]["kernel"].shape == (2 * RELU_T5.d_model, 128)
-    assert params["gate_hidden"]["bias"].shape == (128,) and params["gate_out"]["bias"].shape == (2,)
+    assert params["gate_hidden"]["bias"].shape == (128,)
+    assert params["gate_out"]["bias"].shape == (2,)
     w = np.asarray(jax.nn.softmax(jnp.asarray([[0.1, 0.5, 0.2, 0.4, 0.3]]) / TEMPERATURE))
     kept = np.asarray(M.select_adapters(jnp.asarray(w), jnp.asarray([0]), plug))
     assert set(np.flatnonzero(kept[0])) == {1, 3}  # top-2, not classify's own {0, 1}
