@@ -54,7 +54,7 @@ def _mta_parts(config, tokens: int, batch: int) -> tuple[int, int]:
         adapters = _ffn(tokens, d, f, gated) + n * _ffn(tokens, d, plug.adapter_dim, False)
     extra = 2 * batch * d * plug.num_adapters if plug.selector == "start_token" else 0
     if plug.num_shared_adapters:
-        n_out, g = 1 + plug.num_shared_adapters, plug.gate_hidden_dim
+        n_out, g = 1 + plug.num_shared_adapters, plug.gate_width(d)
         extra += 2 * batch * (n_out * d) * g + 2 * batch * g * n_out
     return adapters, extra
 

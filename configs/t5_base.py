@@ -5,7 +5,8 @@
 Needs the tfds data prepared as array_record (`tfds build ...` once, or
 --config.data.tfds_download=True with network) and the checkpoint in the Hugging Face cache or
 a local folder (--config.init_from=/path/to/t5-base). The other Hugging Face configs import
-this one and change a few fields.
+this one and change a few fields. This is not the authors' recipe (they trained on their own
+JSON lines): that is `configs/alter.py:released` (docs/method.md).
 """
 from configs import default
 

@@ -102,7 +102,10 @@ def ffn_plug(config, stage: str) -> Optional[t5_lib.FfnPlug]:
             renormalize=t.renormalize, topk_compute=t.get("topk_compute", "dense"),
             num_shared_adapters=t.num_shared_adapters if stage_two else 0,
             gate_hidden_dim=t.gate_hidden_dim, task_types=tuple(t.task_types),
-            selector_loss_weight=t.selector_loss_weight, **placement)
+            selector_loss_weight=t.selector_loss_weight,
+            # .get: a run's config.json written before these fields existed still loads.
+            stage2_selection=t.get("stage2_selection", "top_k"),
+            gate_bias=t.get("gate_bias", True), **placement)
     if variant == "dense":
         return None
     if variant == "shared_adapter":
@@ -251,6 +254,7 @@ class Setup:
     pretrained: Optional[Pretrained]
     mesh: Any
     rules: tuple
+    train_decoder_start_id: Optional[int] = None  # config.data.train_decoder_start; None: pad
     _stages: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -277,7 +281,10 @@ def make_setup(config: ml_collections.ConfigDict, *, training: bool = True,
     init_dir = resolve_init_from(config.init_from)
     pretrained = Pretrained(init_dir) if init_dir else None
     tokenizer = data_lib.get_tokenizer(config.data.tokenizer or init_dir)
-    return Setup(config, plugs, tokenizer, pretrained, mesh, sharding.logical_rules(config.mesh))
+    # Before any model is sized from the tokenizer: a new start token (`<e>`) joins it here.
+    decoder_start = data_lib.train_decoder_start_id(tokenizer, config.data)
+    return Setup(config, plugs, tokenizer, pretrained, mesh, sharding.logical_rules(config.mesh),
+                 decoder_start)
 
 
 def model_config(config, plug: Optional[t5_lib.FfnPlug], vocab_size: int,
@@ -313,6 +320,10 @@ def _build_stage(setup: Setup, name: str) -> Stage:
     config = setup.config
     model = t5_lib.T5(model_config(config, setup.plugs[name], len(setup.tokenizer),
                                    setup.pretrained))
+    start, vocab = setup.train_decoder_start_id, model.config.vocab_size
+    if start is not None and start >= vocab:  # the embedding is not resized for it
+        _fail("data.train_decoder_start", f"a token or id below the model's vocabulary size "
+              f"{vocab}", f"{config.data.train_decoder_start} (id {start})")
     abstract, shardings = abstract_params(model, setup.mesh, setup.rules)
     stage_cfg = config[name]
     labels = optim.param_labels(abstract, stage_cfg.trainable)

@@ -3,10 +3,11 @@
 Both searches are one jitted program: encode once, create the key/value cache for
 `max_length` positions, then a `lax.while_loop` that feeds one position per iteration and
 stops as soon as every sequence of the batch is finished. `task_ids` reach every model call,
-so MTA blocks route exactly as in training.
+so MTA blocks route exactly as in training. The first input is the model's
+`decoder_start_token_id` (pad), whatever start training fed (config.data.train_decoder_start).
 
 Beam search follows Hugging Face `generate` (transformers 5, `early_stopping=False`), so that
-the authors' setting (beam 4, length penalty 0.6, max length 128) means the same thing here:
+the authors' setting (beam 4, length penalty 0.6) means the same thing here:
   * a hypothesis' score is  sum of token log-probabilities / length ** length_penalty,
     where length counts the generated tokens, EOS included (the start token is not);
   * each step keeps the 2 * beam best continuations; the best `beam` that did not end stay
@@ -15,6 +16,8 @@ the authors' setting (beam 4, length penalty 0.6, max length 128) means the same
   * an example stops improving once its best live hypothesis, scored at the current length,
     is no better than its worst finished one.
 (t5x instead divides by the GNMT penalty ((5 + length) / 6) ** alpha; not used here.)
+`max_length` counts generated tokens only; `generate(max_length=...)` counts the start token
+too, so the authors' 128 is 127 here.
 
 Output tokens are the generated positions only (no start token): EOS included, pad after.
 """
@@ -304,11 +307,13 @@ def make_decoder(model: T5, *, method: str = "beam", max_length: int, beam_size:
 
 def decode_texts(tokens, tokenizer, eos_token_id: Optional[int] = None) -> list[str]:
     """tokens: int[b, length] from a search -> b strings, each cut at its first EOS and
-    decoded without special tokens (pad, EOS)."""
+    decoded without special tokens (pad, EOS) nor ids the tokenizer lacks: the embedding may
+    have more rows than it has ids (T5's 32128 for 32100; a vocabulary rounded up to 128)."""
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     texts = []
     for row in np.asarray(tokens):
         ends = np.flatnonzero(row == eos)
         row = row[: ends[0]] if ends.size else row
+        row = row[row < len(tokenizer)]
         texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
     return texts

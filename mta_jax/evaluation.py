@@ -68,10 +68,12 @@ class Evaluator:
     """Scores, predictions_<step>.jsonl and routing_<step>.png for one stage."""
 
     def __init__(self, eval_set, decode_fn: Callable, tokenizer, *, batch_size: int,
-                 task_types: Sequence[str], out_dir: str, name: str):
+                 task_types: Sequence[str], out_dir: str, name: str,
+                 pool_anaphora: bool = False):
         self.eval_set, self.decode_fn, self.tokenizer = eval_set, decode_fn, tokenizer
         self.batch_size, self.task_types = batch_size, tuple(task_types)
         self.out_dir, self.name = out_dir, name
+        self.pool_anaphora = pool_anaphora  # scoring.score: anaphora_resolution as classify
 
     @classmethod
     def for_config(cls, config, model: t5_lib.T5, tokenizer, *, out_dir: str,
@@ -81,13 +83,14 @@ class Evaluator:
         eval_set = data_lib.build_eval_set(config.data, tokenizer=tokenizer, task_types=task_types)
         return cls(eval_set, make_decoder(model, config.eval), tokenizer,
                    batch_size=config.eval.batch_size, task_types=task_types, out_dir=out_dir,
-                   name=name)
+                   name=name, pool_anaphora=config.eval.get("pool_anaphora", False))
 
     def run(self, params, step: int) -> dict[str, float]:
         examples = self.eval_set.examples
         preds, total, count = generate(self.decode_fn, params, self.eval_set, self.batch_size,
                                        self.tokenizer, num_types=len(self.task_types))
-        scores = scoring.score(preds, [e["target"] for e in examples], [e["type"] for e in examples])
+        scores = scoring.score(preds, [e["target"] for e in examples],
+                               [e["type"] for e in examples], pool_anaphora=self.pool_anaphora)
         if jax.process_index() == 0:
             write_predictions(os.path.join(self.out_dir, f"predictions_{step}.jsonl"), examples, preds)
             if total is not None:

@@ -34,7 +34,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.exists(path):
         raise ConfigError(f"{path} does not exist: --workdir must be a training workdir")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(json.load(f))
+    # A run saved before a data field existed reads it at its default.
+    for key, value in data_lib.get_data_config().items():
+        if key not in config.data:
+            config.data[key] = value
+    return config
 
 
 def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = None):
@@ -69,7 +74,7 @@ def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Opti
                                            on_bad_row=config.data.on_bad_row,
                                            default_type=default_type, split="predict")
     tokenized = tokenize.tokenize_with_config(examples, setup.tokenizer, config.data, task_types,
-                                              report)
+                                              report, inference=True)
     eval_set = data_lib.EvalSet(examples, tokenized, report)
     decode_fn = evaluation.make_decoder(built.model, config.eval)
     preds, _, _ = evaluation.generate(decode_fn, params, eval_set,
@@ -80,7 +85,8 @@ def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Opti
     if not scored or default_type is not None:
         return {}
     return scoring.score([p for p, _ in scored], [ex["target"] for _, ex in scored],
-                         [ex["type"] for _, ex in scored])
+                         [ex["type"] for _, ex in scored],
+                         pool_anaphora=config.eval.get("pool_anaphora", False))
 
 
 def main(argv):

@@ -5,7 +5,8 @@ lines, or registered tensorflow-datasets tasks (`TASKS`). A batch is a dict of
 int32 numpy arrays with static shapes (B rows, S = max_source_length,
 T = max_target_length):
   input_ids, attention_mask          [B, S]  (mask 1 = token)
-  decoder_input_ids                  [B, T]  labels shifted right behind the pad id
+  decoder_input_ids                  [B, T]  labels shifted right behind the pad id (in
+                                             training: data.train_decoder_start's id)
   labels, decoder_attention_mask     [B, T]  EOS-terminated; mask 1 = a real label
   task_ids                           [B]     index into the run's task types
   example_mask (eval batches only)   [B]     0 for rows that only fill the last batch
@@ -21,7 +22,7 @@ from mta_jax.data.pipeline import BatchIterator, TrainPipeline, build_train_pipe
 from mta_jax.data.registry import TASKS, Task, TfdsSource, get_task
 from mta_jax.data.report import DataReport
 from mta_jax.data.synthetic import synthetic_examples
-from mta_jax.data.tokenize import get_tokenizer, resolve_start_token_id
+from mta_jax.data.tokenize import get_tokenizer, resolve_start_token_id, train_decoder_start_id
 
 __all__ = [
     "BatchIterator",
@@ -44,5 +45,6 @@ __all__ = [
     "read_jsonl",
     "resolve_start_token_id",
     "synthetic_examples",
+    "train_decoder_start_id",
     "validate_data_config",
 ]

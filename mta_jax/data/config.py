@@ -24,6 +24,8 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = "byt5"  # "byt5" (bytes, no files), T5 tokenizer dir / HF name; "" = caller's own
     c.max_source_length = 40  # input tokens per example, padded/truncated, incl. [START] and EOS
     c.max_target_length = 16  # target tokens per example, padded/truncated, incl. EOS
+    c.eval_max_source_length = 0  # input tokens in evaluation and prediction; 0 = max_source_length
+    c.train_decoder_start = ""  # training decoder's first input: "" = pad | a token ("<e>") | an id
     c.mixture = "proportional"  # task sampling rates: "proportional" | "equal" | "temperature"
     c.mixture_temperature = 2.0  # temperature T of the "temperature" mixture (rate ~ n^(1/T))
     c.mixture_cap = 0  # examples per task counted when computing rates and epoch size (0 = no cap)
@@ -57,7 +59,8 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
     check("mixture", lambda v: v in MIXTURES, f"one of {MIXTURES}")
     check("on_bad_row", lambda v: v in ON_BAD_ROW, f"one of {ON_BAD_ROW}")
     check("mixture_temperature", lambda v: v > 0, "> 0")
-    for field in ("mixture_cap", "max_examples_per_task", "eval_max_examples", "num_workers"):
+    for field in ("mixture_cap", "max_examples_per_task", "eval_max_examples", "num_workers",
+                  "eval_max_source_length"):
         check(field, lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")
     for field in (
         "max_source_length",
@@ -73,3 +76,5 @@ def validate_data_config(cfg: ml_collections.ConfigDict) -> None:
             "a non-empty tuple of registry task names",
         )
     check("tokenizer", lambda v: isinstance(v, str), "'byt5', a tokenizer path / name, or ''")
+    check("train_decoder_start", lambda v: isinstance(v, str) and v == v.strip(),
+          "'' (the pad id), a token such as '<e>', or an id in digits")

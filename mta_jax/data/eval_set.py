@@ -49,6 +49,7 @@ def build_eval_set(
 
     `data_cfg` has passed `validate_data_config` (build.validate_config runs it once)."""
     examples, report = sources.load_examples(data_cfg, "eval", tuple(task_types))
-    tokenized = tokenize.tokenize_with_config(examples, tokenizer, data_cfg, task_types, report)
+    tokenized = tokenize.tokenize_with_config(examples, tokenizer, data_cfg, task_types, report,
+                                              inference=True)
     report.log()
     return EvalSet(examples, tokenized, report)

@@ -181,6 +181,7 @@ def build_train_pipeline(
         "max_source_length": data_cfg.max_source_length,
         "max_target_length": data_cfg.max_target_length,
         "start_token_id": tokenize.configured_start_token_id(tokenizer, data_cfg),
+        "train_decoder_start_id": tokenized.decoder_start_id,
         "num_workers": data_cfg.num_workers,
     }
     report.log()

@@ -3,7 +3,8 @@
 Token ids are kept ragged (rows concatenated plus offsets) and padded only when
 a batch is built, so memory grows with the tokens, not with rows x max length.
 Layout follows Hugging Face T5: EOS ends every sequence (also a truncated one,
-as seqio's append-EOS-after-trim does), the decoder starts from the pad id.
+as seqio's append-EOS-after-trim does), the decoder starts from the pad id (in training
+`config.data.train_decoder_start` may name another start, as the released code's `<e>`).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class TokenizedExamples:
     max_source_length: int
     max_target_length: int
     pad_id: int
+    decoder_start_id: int | None = None  # the decoder's first input; None: pad_id
 
     def __len__(self) -> int:
         return len(self.type_ids)
@@ -101,7 +103,8 @@ class TokenizedExamples:
         labels[: len(target)] = target
         # Teacher forcing: the decoder reads the labels shifted right behind the
         # start id, which T5 fixes to the pad id.
-        decoder_input_ids = np.concatenate([[self.pad_id], labels[:-1]]).astype(np.int32)
+        start = self.pad_id if self.decoder_start_id is None else self.decoder_start_id
+        decoder_input_ids = np.concatenate([[start], labels[:-1]]).astype(np.int32)
         return {
             "input_ids": input_ids,
             "attention_mask": (np.arange(s) < len(source)).astype(np.int32),
@@ -138,11 +141,13 @@ def tokenize_examples(
     task_types: Sequence[str],
     start_token_id: int | None,
     report: DataReport,
+    decoder_start_id: int | None = None,
 ) -> TokenizedExamples:
     """Encodes every example once; truncations are counted per task in `report`.
 
     start_token_id: prepended to every input (the start_token selector reads it);
       None for no start token.
+    decoder_start_id: the decoder's first input (teacher forcing); None for the pad id.
     """
     reserved = 1 + (start_token_id is not None)  # EOS, and [START] when used
     if max_source_length <= reserved:
@@ -184,16 +189,43 @@ def tokenize_examples(
         max_source_length,
         max_target_length,
         tokenizer.pad_token_id,
+        decoder_start_id,
     )
 
 
 def tokenize_with_config(examples: Sequence[dict], tokenizer: Any, data_cfg: Any,
-                         task_types: Sequence[str], report: Any) -> "TokenizedExamples":
-    """`tokenize_examples` with the lengths and [START] token of a `config.data` block."""
+                         task_types: Sequence[str], report: Any, *,
+                         inference: bool = False) -> "TokenizedExamples":
+    """`tokenize_examples` with the lengths and [START] token of a `config.data` block.
+
+    inference=True (evaluation, prediction): inputs cut at `eval_max_source_length` when set,
+    and the decoder starts from pad as decoding does; else `train_decoder_start` applies.
+    """
     start_id = configured_start_token_id(tokenizer, data_cfg)
-    return tokenize_examples(examples, tokenizer, max_source_length=data_cfg.max_source_length,
+    source_length = data_cfg.max_source_length
+    if inference:
+        source_length = data_cfg.get("eval_max_source_length", 0) or source_length
+    return tokenize_examples(examples, tokenizer, max_source_length=source_length,
                              max_target_length=data_cfg.max_target_length,
-                             task_types=tuple(task_types), start_token_id=start_id, report=report)
+                             task_types=tuple(task_types), start_token_id=start_id, report=report,
+                             decoder_start_id=None if inference else train_decoder_start_id(
+                                 tokenizer, data_cfg))
+
+
+def train_decoder_start_id(tokenizer: Any, data_cfg: Any) -> int | None:
+    """The decoder's first input in training (`config.data.train_decoder_start`); None: pad.
+
+    A token the tokenizer lacks is added to it as a special token (decoding skips it) and takes
+    the next free id, as the released code adds `<e>`: the embedding is not resized, so the id
+    must stay below the model's vocabulary size (build.py checks). Adding it again is a no-op.
+    """
+    spec = data_cfg.get("train_decoder_start", "")
+    if not spec:
+        return None
+    if spec.isdigit():
+        return int(spec)
+    tokenizer.add_tokens([spec], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(spec)
 
 
 def configured_start_token_id(tokenizer: Any, data_cfg: Any):

@@ -3,6 +3,8 @@
     y = h + dropout( sum_e w_e * A_e( RMSNorm(h) ) )                       (stage one)
     y = h + dropout( g_0 * y_task + sum_j g_j * S_j( RMSNorm(h) ) )         (stage two)
 
+In stage two y_task keeps only some adapters per example (`stage2_selection`: the top-k
+weights, or the task's own {t, t+1}), and the gate g reads the outputs at position 0.
 `MTAConfig` is the FFN plug of `models.t5`: it says in which blocks the mixture sits and
 builds `MTABlock` there. The E task adapters are one `StackedFFN` computed together; the
 selector's weights mix their outputs. docs/method.md describes the method, the released
@@ -28,6 +30,7 @@ from mta_jax.task_types import TASK_TYPES
 Array = jax.Array
 SELECTORS = ("task", "start_token")
 TOPK_COMPUTE = ("dense", "gather")
+STAGE2_SELECTIONS = ("top_k", "own")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,8 +49,12 @@ class MTAConfig(t5_lib.FfnPlug):
     # With top_k: "dense" computes every adapter and zeroes the unkept weights; "gather"
     # computes only each example's k kept adapters, their weights gathered per example.
     topk_compute: str = "dense"
+    # With top_k: which adapters each example keeps. "top_k": the k largest weights; "own": its
+    # task's adapters {t, t+1} mod E (the released MTA_sharemoe4; top_k must then be 2).
+    stage2_selection: str = "top_k"
     num_shared_adapters: int = 0  # stage two: adapters every task uses, mixed in by the gate
-    gate_hidden_dim: int = 128
+    gate_hidden_dim: int = 128  # 0: d_model (the released gate)
+    gate_bias: bool = True  # biases in both gate layers (the released gate has none)
     task_types: tuple[str, ...] = TASK_TYPES
     selector_loss_weight: float = 0.0  # start_token: weight of the task-type loss on the selector
 
@@ -67,8 +74,15 @@ class MTAConfig(t5_lib.FfnPlug):
         check(self.top_k is None or 1 <= self.top_k <= self.num_adapters, "top_k",
               f"None or an integer in [1, num_adapters={self.num_adapters}]")
         check(self.topk_compute in TOPK_COMPUTE, "topk_compute", "'dense' or 'gather'")
+        check(self.stage2_selection in STAGE2_SELECTIONS, "stage2_selection", "'top_k' or 'own'")
+        if self.stage2_selection == "own":
+            check(self.selector == "task", "selector",
+                  "'task' with mta.stage2_selection='own' (it keeps each task's own adapters)")
+            own = self.own_adapters().shape[1]
+            check(self.top_k in (None, own), "top_k",
+                  f"{own} with mta.stage2_selection='own' (a task's adapters {{t, t+1}} mod E)")
         check(self.num_shared_adapters >= 0, "num_shared_adapters", ">= 0")
-        check(self.gate_hidden_dim > 0, "gate_hidden_dim", "> 0")
+        check(self.gate_hidden_dim >= 0, "gate_hidden_dim", ">= 0 (0: d_model)")
         check(len(self.task_types) >= 1 and len(set(self.task_types)) == len(self.task_types),
               "task_types", "a non-empty list of distinct names")
 
@@ -79,14 +93,38 @@ class MTAConfig(t5_lib.FfnPlug):
     def make(self, config: t5_lib.T5Config) -> nn.Module:
         return MTABlock(config, self, name="mta")
 
+    def own_adapters(self) -> np.ndarray:
+        """int32[num_task_types, 2]: task t's own adapters {t, t+1} mod E (one column if E = 1)."""
+        t = np.arange(len(self.task_types))[:, None]
+        return ((t + np.arange(min(2, self.num_adapters))) % self.num_adapters).astype(np.int32)
+
+    def own_mask(self) -> np.ndarray:
+        """float32[num_task_types, num_adapters]: 1 on each task's own adapters, else 0."""
+        mask = np.zeros((len(self.task_types), self.num_adapters), np.float32)
+        np.put_along_axis(mask, self.own_adapters(), 1.0, axis=1)
+        return mask
+
     def initial_logits(self) -> np.ndarray:
         """[num_task_types, num_adapters]: init_base, plus init_bias on adapters {t, t+1} mod E."""
-        n, e = len(self.task_types), self.num_adapters
-        table = np.full((n, e), self.init_base, np.float32)
-        for t in range(n):
-            for own in {t % e, (t + 1) % e}:
-                table[t, own] += self.init_bias
+        table = np.full((len(self.task_types), self.num_adapters), self.init_base, np.float32)
+        table[self.own_mask() > 0] += np.float32(self.init_bias)
         return table
+
+    def gate_width(self, d_model: int) -> int:
+        """The gate's hidden width: gate_hidden_dim, or d_model for 0."""
+        return self.gate_hidden_dim or d_model
+
+
+def keep_weights(weights: Array, idx: Array, renormalize: bool) -> Array:
+    """Keep the weights at `idx` per row, zero the others.
+
+    weights: [batch, num_adapters], idx: int[batch, k] (distinct per row) -> [batch, num_adapters].
+    """
+    keep = jnp.sum(jax.nn.one_hot(idx, weights.shape[-1], dtype=weights.dtype), axis=-2)
+    kept = weights * keep
+    if renormalize:
+        kept = kept / jnp.sum(kept, axis=-1, keepdims=True)
+    return kept
 
 
 def top_k_weights(weights: Array, k: int, renormalize: bool) -> Array:
@@ -95,11 +133,19 @@ def top_k_weights(weights: Array, k: int, renormalize: bool) -> Array:
     weights: [batch, num_adapters] -> [batch, num_adapters], exactly n - k zeros per row.
     """
     _, idx = lax.top_k(weights, k)
-    keep = jnp.sum(jax.nn.one_hot(idx, weights.shape[-1], dtype=weights.dtype), axis=-2)
-    kept = weights * keep
-    if renormalize:
-        kept = kept / jnp.sum(kept, axis=-1, keepdims=True)
-    return kept
+    return keep_weights(weights, idx, renormalize)
+
+
+def select_adapters(weights: Array, task_ids: Optional[Array], mta: MTAConfig) -> Array:
+    """Stage two's selection (mta.stage2_selection), unkept weights zeroed: [b, E] -> [b, E].
+
+    "own" keeps the weights the selector gives a task's own adapters as they are, like the
+    released MTA_sharemoe4: they sum to less than one unless mta.renormalize.
+    """
+    if mta.stage2_selection == "own":
+        own = jnp.take(jnp.asarray(mta.own_adapters()), task_ids, axis=0)  # [b, 2]
+        return keep_weights(weights, own, mta.renormalize)
+    return top_k_weights(weights, mta.top_k, mta.renormalize)
 
 
 class TaskWeightSelector(nn.Module):
@@ -147,13 +193,13 @@ class MTABlock(nn.Module):
         self.sow("router", "selector_weights", weights)
         if m.selector == "start_token" and ctx.task_ids is not None:
             # The biased initialisation's spirit: task t should route to its own {t, t+1}.
-            own = jnp.asarray(m.initial_logits() > m.init_base, jnp.float32)[ctx.task_ids]
+            own = jnp.asarray(m.own_mask())[ctx.task_ids]
             aux = -jnp.mean(jnp.log(jnp.sum(weights * own, axis=-1) + 1e-9))
             self.sow("router", "selector_task_loss", aux)
             # Sown already weighted: the train step adds every leaf of 'losses' to the loss.
             self.sow("losses", "selector_task_loss", m.selector_loss_weight * aux)
         if m.top_k is not None:
-            weights = top_k_weights(weights, m.top_k, m.renormalize)
+            weights = select_adapters(weights, ctx.task_ids, m)
         self.sow("router", "adapter_weights", weights)
         y_task = self._task_adapters(x, weights, deterministic)
         if m.num_shared_adapters == 0:
@@ -179,6 +225,8 @@ class MTABlock(nn.Module):
         adapters = self._adapters("adapters", m.num_adapters)
         dt = x.dtype
         if m.top_k is not None and m.topk_compute == "gather":
+            # The selection zeroed the unkept weights, so the k largest are the kept ones (a
+            # kept weight that underflowed to 0 adds nothing either way).
             kept_weights, kept = lax.top_k(weights, m.top_k)  # [b, k]
             y = adapters(x, deterministic=deterministic, select=kept)  # [b, l, k, embed]
             return jnp.einsum("blke,bk->ble", y, kept_weights.astype(dt))
@@ -194,11 +242,12 @@ class MTABlock(nn.Module):
         n_out = 1 + m.num_shared_adapters
         flat = first[:, :, 0].transpose(1, 0, 2).reshape(first.shape[1], -1).astype(jnp.float32)
         hidden = nn.relu(nn.Dense(
-            m.gate_hidden_dim, name="gate_hidden", dtype=jnp.float32,
+            m.gate_width(self.config.d_model), use_bias=m.gate_bias, name="gate_hidden",
+            dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), ("gate_in", "gate_hidden")))(flat))
         gate = jax.nn.softmax(nn.Dense(
-            n_out, name="gate_out", dtype=jnp.float32,
+            n_out, use_bias=m.gate_bias, name="gate_out", dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), ("gate_hidden", "gate_out")))(hidden), axis=-1)
         if ctx.decode:
