@@ -96,11 +96,12 @@ def save_backbone(folder: str | epath.PathLike, model: t5_lib.T5, params: Mappin
     (load_adapters and mta_jax.torch put the MTA block in its place; the digest skips it).
     """
     plug = _mta_plug(model)
-    flat = {k: v for k, v in _host_flat(params).items() if not _is_mta(k)}
+    host = _host_flat(params)
+    flat = {k: v for k, v in host.items() if not _is_mta(k)}
     stand_in = "none needed (bottleneck adapters sit beside the dense FFN)"
     if plug.replaces_dense:
         stand_in = "pretrained FFN" if pretrained is not None else "mean of the task adapters"
-        for path, value in _host_flat(params).items():
+        for path, value in host.items():
             if path[3:5] == ("mta", "adapters"):  # <stack>/layers_<i>/ffn/mta/adapters/<w>
                 dense = ffn_lib.dense_ffn_path(path)
                 ffn = (pretrained[dense] if pretrained is not None

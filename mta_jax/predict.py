@@ -100,7 +100,8 @@ def load_artifact(adapter_dir: str, backbone: Optional[str] = None, *,
 
 
 def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[int] = None,
-                   backbone: Optional[str] = None, accept_other_backbone: bool = False) -> Predictor:
+                   backbone: Optional[str] = None,
+                   accept_other_backbone: bool = False) -> Predictor:
     """From an adapter artifact folder (see load_artifact), else from a training workdir."""
     if fmt.is_artifact(source):
         return load_artifact(source, backbone, accept_other_backbone=accept_other_backbone)

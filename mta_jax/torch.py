@@ -8,7 +8,8 @@
     tokens = model.generate(input_ids=ids, attention_mask=mask, task_ids=task_ids, num_beams=4)
 
 `model.task_types[t]` is the task type of id t; `model.generation_config` decodes as the run's
-evaluation did (config.eval). The backbone is Hugging Face's T5, loaded from the folder; in each
+evaluation did (config.eval). transformers' `from_pretrained` reads the backbone folder (a
+local folder); the artifact is read through etils.epath, so it may be on gs:// too. The backbone is Hugging Face's T5, loaded from the folder; in each
 MTA block the `DenseReluDense` of the FFN sub-layer (after its layer norm, before its dropout
 and residual) becomes an `MTABlock` (bottleneck adapters: the dense FFN plus an `MTABlock`).
 An `MTABlock` computes what models/mta.py computes, with the adapters stacked as the JAX
@@ -114,7 +115,8 @@ class StackedFFN(nn.Module):
         return torch.einsum("blnf,nfe->ble", h * weights[:, None, :, None], self.wo)
 
     def gathered(self, x: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each example through its k kept FFNs only: kept int [b, k], weights [b, k] -> [b, l, d]."""
+        """Each example through its k kept FFNs only: kept int [b, k], weights [b, k]
+        -> [b, l, d]."""
         h = self._hidden(x, "ble,bkef->blkf", lambda w: w[kept])
         return torch.einsum("blkf,bkfe->ble", h * weights[:, None, :, None], self.wo[kept])
 

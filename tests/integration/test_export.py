@@ -42,7 +42,8 @@ def exported(tmp_path_factory):
 
 def _fixture(workdir, tmp_path):
     """The stage-two evaluation examples, as a JSON-lines input for predict."""
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "stage2", "predictions_4.jsonl"))]
+    with open(os.path.join(workdir, "stage2", "predictions_4.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps({k: r[k] for k in ("input", "target", "type")}) + "\n"
                             for r in rows))

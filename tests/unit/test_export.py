@@ -19,14 +19,17 @@ from mta_jax.errors import CheckpointFormatError
 from mta_jax.models import mta as M
 from tests.helpers import make_hf_t5
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS, MAX_LENGTH = 1, 8
 TASKS = ("a", "b", "c", "d")
 DATA = {"tokenizer": "byt5", "max_source_length": 16, "max_target_length": 8,
         "start_token": False, "start_token_id": -1}
 EVAL = {"decode": "beam", "beam_size": 3, "max_decode_length": MAX_LENGTH,
         "length_penalty": 0.6, "batch_size": 4}
+# Temperature 2 keeps the perturbed selector's weights spread: at the released 0.1 one adapter
+# takes nearly all the weight, and mistakes in the others' weights would not show.
 STAGE_ONE = dict(encoder_layers="last", decoder_layers=(0,), num_adapters=3, task_types=TASKS,
-                 gate_hidden_dim=8, adapter_dim=8)
+                 gate_hidden_dim=8, adapter_dim=8, temperature=2.0)
 STAGE_TWO = dict(STAGE_ONE, top_k=2, num_shared_adapters=1)
 
 
@@ -110,7 +113,8 @@ def test_roundtrip_gives_the_trained_parameters_and_logits_bit_for_bit(tmp_path,
     assert model.config == ex.model.config
     assert jax_tree_equal(params, ex.params)
     args = _inputs()
-    np.testing.assert_array_equal(_logits(model, params, *args), _logits(ex.model, ex.params, *args))
+    np.testing.assert_array_equal(_logits(model, params, *args),
+                                  _logits(ex.model, ex.params, *args))
 
 
 def jax_tree_equal(a, b) -> bool:
@@ -260,9 +264,9 @@ def test_the_cli_prints_the_error_as_one_line(stage_two, tmp_path):
     _break("shape", art)
     (tmp_path / "in.jsonl").write_text('{"input": "x", "target": "y", "type": "a"}\n')
     out = subprocess.run(
-        [sys.executable, "-m", "mta_jax.predict", f"--adapters={art}", f"--input={tmp_path}/in.jsonl",
-         f"--output={tmp_path}/out.jsonl"], cwd=os.getcwd(), capture_output=True, text=True,
-        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [sys.executable, "-m", "mta_jax.predict", f"--adapters={art}",
+         f"--input={tmp_path}/in.jsonl", f"--output={tmp_path}/out.jsonl"], cwd=ROOT,
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: {art}/mta_adapters.safetensors: tensor {ADAPTER} has shape (3, 47, 32), the "
@@ -276,7 +280,7 @@ def test_mta_jax_torch_imports_no_jax():
     code = ("import sys, mta_jax.torch; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=os.getcwd())
+                         timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
@@ -306,30 +310,57 @@ def _hf_tokens(tokens, length):
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
 def test_pytorch_runtime_matches_the_jax_model(tmp_path, case):
     import torch
+    import transformers
 
     from mta_jax.torch import load_mta_t5
 
     shape, hf_overrides, plug = TORCH_CASES[case]
     ex = _export(str(tmp_path), shape, seed=1, hf_overrides=hf_overrides, eos=True, **plug)
     theirs = load_mta_t5(os.path.join(ex.dir, "backbone"), ex.dir)
-    assert isinstance(theirs, __import__("transformers").T5ForConditionalGeneration)
+    assert isinstance(theirs, transformers.T5ForConditionalGeneration)
     ids, mask, dec, task_ids = _inputs(seed=2, batch=6)
     t = lambda x: torch.tensor(np.asarray(x), dtype=torch.long)
     with torch.no_grad():
         logits = theirs(input_ids=t(ids), attention_mask=t(mask), decoder_input_ids=t(dec),
                         task_ids=t(task_ids)).logits.numpy()
         greedy = theirs.generate(input_ids=t(ids), attention_mask=t(mask), task_ids=t(task_ids),
-                                 num_beams=1, max_new_tokens=MAX_LENGTH)
+                                 num_beams=1, max_new_tokens=MAX_LENGTH, output_logits=True,
+                                 return_dict_in_generate=True)
         beam = theirs.generate(input_ids=t(ids), attention_mask=t(mask), task_ids=t(task_ids),
-                               num_beams=3, max_new_tokens=MAX_LENGTH)
-    ours = _logits(ex.model, ex.params, ids, mask, dec, task_ids)
-    assert np.abs(logits - ours).max() <= 1e-4
+                               num_beams=3, max_new_tokens=MAX_LENGTH, length_penalty=0.6,
+                               output_scores=True, return_dict_in_generate=True)
+    assert np.abs(logits - _logits(ex.model, ex.params, ids, mask, dec, task_ids)).max() <= 1e-4
+    # Each cached step's logits (stage two: the gate kept from position 0) are those of one
+    # full pass over the same decoder inputs.
+    steps = np.stack([x.numpy() for x in greedy.logits], axis=1)  # [b, steps, vocab]
+    full = _logits(ex.model, ex.params, ids, mask,
+                   greedy.sequences[:, :-1].numpy().astype(np.int32), task_ids)
+    assert np.abs(steps - full).max() <= 1e-4
     ours_greedy = np.asarray(decoding.greedy_decode(ex.model, ex.params, ids, mask,
                                                     task_ids=task_ids, max_length=MAX_LENGTH))
-    np.testing.assert_array_equal(_hf_tokens(greedy, MAX_LENGTH), ours_greedy)
-    ours_beam, _ = decoding.beam_search(ex.model, ex.params, ids, mask, task_ids=task_ids,
-                                        max_length=MAX_LENGTH, beam_size=3, length_penalty=0.6)
-    np.testing.assert_array_equal(_hf_tokens(beam, MAX_LENGTH), np.asarray(ours_beam))
+    np.testing.assert_array_equal(_hf_tokens(greedy.sequences, MAX_LENGTH), ours_greedy)
+    ours_beam, ours_scores = decoding.beam_search(ex.model, ex.params, ids, mask,
+                                                  task_ids=task_ids, max_length=MAX_LENGTH,
+                                                  beam_size=3, length_penalty=0.6)
+    np.testing.assert_array_equal(_hf_tokens(beam.sequences, MAX_LENGTH), np.asarray(ours_beam))
+    np.testing.assert_allclose(beam.sequences_scores.numpy(), ours_scores, atol=1e-4, rtol=0)
+
+
+def test_pytorch_top_k_keeps_the_adapters_jax_keeps_among_equal_weights():
+    import torch
+
+    from mta_jax.torch import adapter_weights
+
+    # Rows of the released initialisation (ties of init_base and of init_base + init_bias)
+    # and a uniform row: lax.top_k keeps the lower index among equal weights.
+    logits = np.asarray([[0.22, 0.22, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.22, 0.22],
+                         [0.2] * 5, [0.2, 0.22, 0.2, 0.2, 0.22]], np.float32)
+    for k in (1, 2, 3, 4):
+        plug = {"temperature": 0.1, "top_k": k, "renormalize": True}
+        theirs = adapter_weights(torch.tensor(logits), plug).numpy()
+        ours = np.asarray(M.top_k_weights(jax.nn.softmax(logits / 0.1), k, True))
+        np.testing.assert_array_equal(theirs > 0, ours > 0)
+        np.testing.assert_allclose(theirs, ours, rtol=1e-6)
 
 
 def test_pytorch_runtime_refuses_what_load_adapters_refuses(stage_two, tmp_path):
