@@ -100,10 +100,11 @@ def load_artifact(adapter_dir: str, backbone: Optional[str] = None, *,
 
 
 def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[int] = None,
-                   backbone: Optional[str] = None,
-                   accept_other_backbone: bool = False) -> Predictor:
-    """From an adapter artifact folder (see load_artifact), else from a training workdir."""
-    if fmt.is_artifact(source):
+                   backbone: Optional[str] = None, accept_other_backbone: bool = False,
+                   artifact_only: bool = False) -> Predictor:
+    """From an adapter artifact folder (see load_artifact), else from a training workdir
+    (artifact_only: never; a folder that is no artifact is then an error naming its files)."""
+    if artifact_only or fmt.is_artifact(source):
         return load_artifact(source, backbone, accept_other_backbone=accept_other_backbone)
     setup, built, params, _ = load_model(source, stage, step)
     return Predictor(built.model, params, setup.tokenizer, setup.config.data, setup.config.eval,
@@ -113,14 +114,14 @@ def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[i
 def predict_file(source: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
                  step: Optional[int] = None, batch_size: Optional[int] = None,
                  backbone: Optional[str] = None, accept_other_backbone: bool = False,
-                 decode: Optional[dict] = None) -> dict[str, float]:
+                 artifact_only: bool = False, decode: Optional[dict] = None) -> dict[str, float]:
     """Writes predictions for every line of `input_path`; returns scores when targets exist.
 
-    source: a training workdir or an adapter artifact folder; decode: config.eval fields to
-    change (decode, beam_size, max_decode_length, ...).
+    source: a training workdir or an adapter artifact folder (load_predictor); decode:
+    config.eval fields to change (decode, beam_size, max_decode_length, ...).
     """
     p = load_predictor(source, stage=stage, step=step, backbone=backbone,
-                       accept_other_backbone=accept_other_backbone)
+                       accept_other_backbone=accept_other_backbone, artifact_only=artifact_only)
     eval_cfg = ml_collections.ConfigDict(p.eval.to_dict())
     eval_cfg.update({k: v for k, v in (decode or {}).items() if v is not None})
     # In start_token mode routing reads the [START] token, so a line may omit its type.
@@ -157,7 +158,8 @@ def main(argv):
     with cli.one_line_errors():
         scores = predict_file(source, F.input, F.output, stage=F.stage, step=F.step,
                               batch_size=F.batch_size, backbone=F.backbone,
-                              accept_other_backbone=F.accept_other_backbone, decode=decode)
+                              accept_other_backbone=F.accept_other_backbone,
+                              artifact_only=bool(F.adapters), decode=decode)
     if scores:
         print(json.dumps(scores, indent=2))
     print(f"wrote {F.output}")
