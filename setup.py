@@ -31,5 +31,7 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU build on these machines; a bare `torch` pulls CUDA.
         "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        # Serving an exported model with PyTorch (mta_jax.torch); any torch build fits.
+        "torch": ["torch>=2.1", "transformers>=5", "safetensors", "etils[epath]"],
     },
 )

@@ -3,52 +3,33 @@
 The MTA block is patched into `transformers.T5ForConditionalGeneration` by replacing the
 `DenseReluDense` module of the chosen blocks (T5LayerFF keeps its norm, dropout and
 residual), in two forms of the same computation:
-  * `VectorisedMTA`: the adapters stacked on an adapter axis, one torch.einsum per matrix;
-  * `LoopMTA`: as the released code computes it, a Python loop over examples and adapters.
-Both read the task ids set by `set_task_ids` before each forward pass.
+  * "vectorised": the library's PyTorch runtime (`mta_jax.torch.MTABlock`), the adapters
+    stacked on an adapter axis and run together by einsums;
+  * "loop" (`LoopMTA`): as the released code computes it, a Python loop over examples and
+    adapters.
+Both read the task ids passed to the model's forward (`task_ids=`), through
+`mta_jax.torch.attach_routing`.
 """
 from __future__ import annotations
 
+import dataclasses
+
+import flax
 import numpy as np
 import torch
 import transformers
 from torch import nn
 
 from mta_jax import hf
+from mta_jax.torch import attach_routing, install_mta
+
+STACKS = ("encoder", "decoder")
 
 
 def hf_t5(model, params, folder: str) -> transformers.T5ForConditionalGeneration:
     """The same dense weights in PyTorch (our model must have no plug, or a dense copy)."""
     hf.save_hf_t5(folder, model, params)
     return transformers.T5ForConditionalGeneration.from_pretrained(folder)
-
-
-class _Routed(nn.Module):
-    """Softmax-T task weights from a [task_types, E] logit table and the current task ids."""
-
-    def __init__(self, logits: np.ndarray, temperature: float):
-        super().__init__()
-        self.logits = nn.Parameter(torch.tensor(np.asarray(logits)))
-        self.temperature = temperature
-        self.task_ids = None  # LongTensor [b], set by set_task_ids
-
-    def weights(self) -> torch.Tensor:
-        return torch.softmax(self.logits[self.task_ids] / self.temperature, dim=-1)  # [b, E]
-
-
-class VectorisedMTA(_Routed):
-    """sum_e w_e * FFN_e(x) with the E FFNs stacked: wi [E, d, f], wo [E, f, d]."""
-
-    def __init__(self, wi, wo, logits, temperature: float, dropout_rate: float):
-        super().__init__(logits, temperature)
-        self.wi = nn.Parameter(torch.tensor(np.asarray(wi)))
-        self.wo = nn.Parameter(torch.tensor(np.asarray(wo)))
-        self.dropout = nn.Dropout(dropout_rate)
-
-    def forward(self, x):  # x: [b, l, d]
-        h = self.dropout(torch.relu(torch.einsum("ble,nef->blnf", x, self.wi)))
-        h = h * self.weights()[:, None, :, None]
-        return torch.einsum("blnf,nfe->ble", h, self.wo)
 
 
 class _Expert(nn.Module):
@@ -67,15 +48,17 @@ class _Expert(nn.Module):
         return self.wo(self.dropout(torch.relu(self.wi(x))))
 
 
-class LoopMTA(_Routed):
+class LoopMTA(nn.Module):
     """The released code's form: for each example, for each adapter, add w * adapter(x)."""
 
-    def __init__(self, wi, wo, logits, temperature: float, dropout_rate: float):
-        super().__init__(logits, temperature)
+    def __init__(self, wi, wo, logits, temperature: float, dropout_rate: float, routing):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor(np.asarray(logits)))
+        self.temperature, self.routing = temperature, routing
         self.experts = nn.ModuleList(_Expert(wi[e], wo[e], dropout_rate) for e in range(len(wi)))
 
     def forward(self, x):
-        w = self.weights()
+        w = torch.softmax(self.logits[self.routing.task_ids] / self.temperature, dim=-1)
         rows = []
         for i in range(x.shape[0]):
             y = 0.0
@@ -88,44 +71,49 @@ class LoopMTA(_Routed):
 def patch_mta(hf_model, config, params, form: str = "vectorised"):
     """Replace DenseReluDense in the MTA blocks of `config` by the adapters in `params`.
 
-    config: our T5Config with an `ffn` MTAConfig plug (ReLU FFN); params: its parameter tree.
+    config: our T5Config with an MTAConfig plug; params: its parameter tree. The loop form
+    mirrors stage one's ReLU FFN adapters only.
     """
     plug = config.ffn_plug
+    blocks = {s: plug.layer_indices(s, config.num_layers_of(s)) for s in STACKS}
+    if form == "vectorised":
+        tensors = {"/".join(k): np.asarray(v)
+                   for k, v in flax.traverse_util.flatten_dict(params).items() if "mta" in k}
+        return install_mta(hf_model, dataclasses.asdict(plug), blocks, tensors)
     assert plug.adapter_kind == "ffn" and not config.is_gated, "mirrors ReLU FFN adapters only"
     assert plug.top_k is None and plug.num_shared_adapters == 0, "stage one only"
-    cls = {"vectorised": VectorisedMTA, "loop": LoopMTA}[form]
-    for stack, blocks in (("encoder", hf_model.encoder.block), ("decoder", hf_model.decoder.block)):
-        for i in plug.layer_indices(stack, len(blocks)):
+    routing = attach_routing(hf_model)
+    for stack in STACKS:
+        for i in blocks[stack]:
             p = params[stack][f"layers_{i}"]["ffn"]["mta"]
-            module = cls(np.asarray(p["adapters"]["wi"]), np.asarray(p["adapters"]["wo"]),
-                         np.asarray(p["selector"]["logits"]), plug.temperature, config.dropout_rate)
-            blocks[i].layer[-1].DenseReluDense = module
+            getattr(hf_model, stack).block[i].layer[-1].DenseReluDense = LoopMTA(
+                np.asarray(p["adapters"]["wi"]), np.asarray(p["adapters"]["wo"]),
+                np.asarray(p["selector"]["logits"]), plug.temperature, config.dropout_rate,
+                routing[stack])
     return hf_model
-
-
-def set_task_ids(hf_model, task_ids) -> None:
-    ids = torch.as_tensor(np.asarray(task_ids), dtype=torch.long)
-    for module in hf_model.modules():
-        if isinstance(module, _Routed):
-            module.task_ids = ids
 
 
 def _tensors(batch) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(np.array(v), dtype=torch.long) for k, v in batch.items()}
 
 
+def _model_inputs(hf_model, t: dict, *names: str) -> dict[str, torch.Tensor]:
+    """The named inputs and the task ids; the stacks' routing hooks (harmless on a dense
+    model, which has no MTA block to read them) take the task ids out."""
+    attach_routing(hf_model)
+    return {**{n: t[n] for n in names}, "task_ids": t["task_ids"]}
+
+
 def train_step(hf_model, batch, learning_rate: float = 1e-4):
     """A callable running one step: forward, backward, AdamW (no weight decay, as ours)."""
-    t = _tensors(batch)
-    set_task_ids(hf_model, t["task_ids"])
+    inputs = _model_inputs(hf_model, _tensors(batch), "input_ids", "attention_mask",
+                           "decoder_input_ids", "decoder_attention_mask", "labels")
     hf_model.train()
     opt = torch.optim.AdamW(hf_model.parameters(), lr=learning_rate, weight_decay=0.0,
                             foreach=True)
 
     def step() -> float:
-        out = hf_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                       decoder_input_ids=t["decoder_input_ids"],
-                       decoder_attention_mask=t["decoder_attention_mask"], labels=t["labels"])
+        out = hf_model(**inputs)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -136,20 +124,18 @@ def train_step(hf_model, batch, learning_rate: float = 1e-4):
 
 def logits(hf_model, batch) -> np.ndarray:
     """Deterministic logits [b, t, vocab] (eval mode)."""
-    t = _tensors(batch)
-    set_task_ids(hf_model, t["task_ids"])
+    inputs = _model_inputs(hf_model, _tensors(batch), "input_ids", "attention_mask",
+                           "decoder_input_ids", "decoder_attention_mask")
     hf_model.eval()
     with torch.inference_mode():
-        out = hf_model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                       decoder_input_ids=t["decoder_input_ids"],
-                       decoder_attention_mask=t["decoder_attention_mask"])
+        out = hf_model(**inputs)
     return out.logits.float().numpy()
 
 
 def greedy_generate(hf_model, batch, length: int):
-    """A callable running HF greedy `generate` for exactly `length` new tokens per row."""
+    """A callable running HF greedy `generate` for exactly `length` new tokens per row, on a
+    dense model (no task ids)."""
     t = _tensors(batch)
-    set_task_ids(hf_model, t["task_ids"])
     hf_model.eval()
 
     def run() -> np.ndarray:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mta_jax.artifact_format import HF_COPIES
 from mta_jax.errors import CheckpointFormatError
 from mta_jax.models import ffn as ffn_lib
 from mta_jax.models import t5 as t5_lib
@@ -26,10 +27,6 @@ from mta_jax.models import t5 as t5_lib
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# Names the reference may store that carry no information of their own.
-_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
-            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
               "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
@@ -125,6 +122,11 @@ def read_config(folder: str, **overrides) -> t5_lib.T5Config:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{path}: invalid JSON ({e})") from e
+    return config_from_hf(raw, path, **overrides)
+
+
+def config_from_hf(raw: Mapping[str, Any], path: str, **overrides) -> t5_lib.T5Config:
+    """T5Config from the dict of a Hugging Face config.json (`path` names it in errors)."""
     if raw.get("model_type") != "t5":
         raise CheckpointFormatError(
             f"{path}: model_type is {raw.get('model_type')!r}; only 't5' (T5 v1.0, v1.1, Flan-T5) "
@@ -261,7 +263,7 @@ def hf_to_backbone(tensors: Mapping[str, np.ndarray], config: t5_lib.T5Config,
             f"{' ...' if len(missing) > 5 else ''} (config says {config.num_layers} encoder / "
             f"{config.num_layers_of('decoder')} decoder layers, feed_forward_proj "
             f"{config.feed_forward_proj!r})")
-    allowed = set(layout) | set(_IGNORED) | {"lm_head.weight"}
+    allowed = set(layout) | set(HF_COPIES) | {"lm_head.weight"}
     unexpected = sorted(n for n in tensors if n not in allowed)
     if unexpected:
         raise CheckpointFormatError(
@@ -285,9 +287,15 @@ def hf_to_backbone(tensors: Mapping[str, np.ndarray], config: t5_lib.T5Config,
     return params
 
 
-def backbone_to_hf(params: Mapping, config: t5_lib.T5Config) -> dict[str, np.ndarray]:
+def backbone_to_hf(params: Mapping, config: t5_lib.T5Config, *,
+                   present_only: bool = False) -> dict[str, np.ndarray]:
+    """Our backbone's parameters -> Hugging Face tensors. present_only: skip the tensors whose
+    parameter is not in `params` (the dense FFN of blocks where a plug replaced it)."""
     out = {}
+    flat = flax.traverse_util.flatten_dict(dict(params)) if present_only else None
     for name, (path, kind) in _layout(config).items():
+        if present_only and path not in flat:
+            continue
         out[name] = _to_hf(kind, np.asarray(_get(params, path)))
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = np.asarray(params["lm_head"]).T

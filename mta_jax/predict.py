@@ -3,18 +3,24 @@
 Loads the run's config (`W/config.json`), the best checkpoint by eval/score of the stage (else
 the latest), decodes every line of the authors' JSON-lines input exactly as evaluation during
 training does, and writes `input`, `target`, `prediction`, `type` per line.
+
+From an adapter artifact (`python -m mta_jax.export`) instead of a workdir:
+`--adapters DIR [--backbone FOLDER]` (the backbone defaults to DIR/backbone; `--workdir DIR`
+finds the artifact too). Tokenisation and decoding are the run's, stored in the artifact; the
+tokenizer is the backbone folder's unless the run used the byte tokenizer.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import ml_collections
 from absl import app, flags, logging
 
-from mta_jax import build, evaluation, scoring
+from mta_jax import artifact, build, evaluation, scoring
+from mta_jax import artifact_format as fmt
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
 from mta_jax import cli
@@ -27,6 +33,14 @@ flags.DEFINE_string("input", None, "JSON-lines file: input, type (and target, to
 flags.DEFINE_string("output", None, "Where to write the predictions (JSON lines).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: best by eval/score, else latest).")
 flags.DEFINE_integer("batch_size", None, "Decoding batch (default: config.eval.batch_size).")
+flags.DEFINE_string("adapters", None, "An adapter artifact folder (python -m mta_jax.export).")
+flags.DEFINE_string("backbone", None,
+                    "The artifact's Hugging Face backbone (default: <adapters>/backbone).")
+flags.DEFINE_bool("accept_other_backbone", False,
+                  "Use a backbone unlike the artifact's on purpose.")
+flags.DEFINE_enum("decode", None, ["beam", "greedy"], "Decoding (default: the run's config.eval).")
+flags.DEFINE_integer("beam_size", None, "Beams (default: the run's config.eval.beam_size).")
+flags.DEFINE_integer("max_decode_length", None, "Generated tokens (default: the run's).")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -63,43 +77,96 @@ def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = 
     return setup, built, params, step
 
 
-def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
-                 step: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, float]:
-    """Writes predictions for every line of `input_path`; returns scores when targets exist."""
-    setup, built, params, step = load_model(workdir, stage, step)
-    config, task_types = setup.config, setup.task_types
+class Predictor(NamedTuple):
+    """A trained model and how its run tokenised and decoded, from a workdir or an artifact."""
+
+    model: Any  # models.t5.T5
+    params: Any
+    tokenizer: Any
+    data: ml_collections.ConfigDict  # config.data: lengths, [START] token, on_bad_row
+    eval: ml_collections.ConfigDict  # config.eval: decode, beam_size, max_decode_length, ...
+    task_types: tuple[str, ...]
+    reads_task_type: bool  # False: the start_token selector routes, a line may omit its type
+
+
+def load_artifact(adapter_dir: str, backbone: Optional[str] = None, *,
+                  accept_other_backbone: bool = False) -> Predictor:
+    """The Predictor of an adapter artifact on `backbone` (default: <adapter_dir>/backbone)."""
+    backbone = backbone or os.path.join(adapter_dir, fmt.BACKBONE_DIR)
+    model, params = artifact.load_adapters(backbone, adapter_dir,
+                                           accept_other_backbone=accept_other_backbone)
+    meta = fmt.read_meta(adapter_dir)
+    data = data_lib.get_data_config()
+    data.update(meta["data"])
+    tokenizer = data_lib.get_tokenizer(data.tokenizer if data.tokenizer == "byt5" else backbone)
+    logging.info("predicting with the adapters in %s on %s", adapter_dir, backbone)
+    return Predictor(model, params, tokenizer, data, ml_collections.ConfigDict(meta["eval"]),
+                     tuple(meta["task_types"]), model.config.ffn_plug.selector != "start_token")
+
+
+def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[int] = None,
+                   backbone: Optional[str] = None, accept_other_backbone: bool = False,
+                   artifact_only: bool = False) -> Predictor:
+    """From an adapter artifact folder (see load_artifact), else from a training workdir
+    (artifact_only: never; a folder that is no artifact is then an error naming its files)."""
+    if artifact_only or fmt.is_artifact(source):
+        return load_artifact(source, backbone, accept_other_backbone=accept_other_backbone)
+    setup, built, params, _ = load_model(source, stage, step)
+    return Predictor(built.model, params, setup.tokenizer, setup.config.data, setup.config.eval,
+                     setup.task_types, build.reads_task_type(setup.config))
+
+
+def predict_file(source: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
+                 step: Optional[int] = None, batch_size: Optional[int] = None,
+                 backbone: Optional[str] = None, accept_other_backbone: bool = False,
+                 artifact_only: bool = False, decode: Optional[dict] = None) -> dict[str, float]:
+    """Writes predictions for every line of `input_path`; returns scores when targets exist.
+
+    source: a training workdir or an adapter artifact folder (load_predictor); decode:
+    config.eval fields to change (decode, beam_size, max_decode_length, ...).
+    """
+    p = load_predictor(source, stage=stage, step=step, backbone=backbone,
+                       accept_other_backbone=accept_other_backbone, artifact_only=artifact_only)
+    eval_cfg = ml_collections.ConfigDict(p.eval.to_dict())
+    eval_cfg.update({k: v for k, v in (decode or {}).items() if v is not None})
     # In start_token mode routing reads the [START] token, so a line may omit its type.
-    default_type = None if build.reads_task_type(config) else task_types[0]
-    examples, report = data_lib.read_jsonl(input_path, task_types=task_types,
-                                           on_bad_row=config.data.on_bad_row,
+    default_type = None if p.reads_task_type else p.task_types[0]
+    examples, report = data_lib.read_jsonl(input_path, task_types=p.task_types,
+                                           on_bad_row=p.data.on_bad_row,
                                            default_type=default_type, split="predict")
-    tokenized = tokenize.tokenize_with_config(examples, setup.tokenizer, config.data, task_types,
-                                              report, inference=True)
+    tokenized = tokenize.tokenize_with_config(examples, p.tokenizer, p.data, p.task_types, report,
+                                              inference=True)
     eval_set = data_lib.EvalSet(examples, tokenized, report)
-    decode_fn = evaluation.make_decoder(built.model, config.eval)
-    preds, _, _ = evaluation.generate(decode_fn, params, eval_set,
-                                      batch_size or config.eval.batch_size, setup.tokenizer,
-                                      len(task_types))
+    decode_fn = evaluation.make_decoder(p.model, eval_cfg)
+    preds, _, _ = evaluation.generate(decode_fn, p.params, eval_set,
+                                      batch_size or eval_cfg.batch_size, p.tokenizer,
+                                      len(p.task_types))
     evaluation.write_predictions(output_path, examples, preds)
-    scored = [(p, ex) for p, ex in zip(preds, examples) if ex.get("target")]
+    scored = [(pred, ex) for pred, ex in zip(preds, examples) if ex.get("target")]
     if not scored or default_type is not None:
         return {}
-    return scoring.score([p for p, _ in scored], [ex["target"] for _, ex in scored],
+    return scoring.score([pred for pred, _ in scored], [ex["target"] for _, ex in scored],
                          [ex["type"] for _, ex in scored],
-                         pool_anaphora=config.eval.get("pool_anaphora", False))
+                         pool_anaphora=eval_cfg.get("pool_anaphora", False))
 
 
 def main(argv):
     del argv
     F = flags.FLAGS
-    for name in ("workdir", "input", "output"):
-        if not F[name].value:
+    source = F.adapters or F.workdir
+    for name, value in (("workdir or --adapters", source), ("input", F.input),
+                        ("output", F.output)):
+        if not value:
             print(f"error: --{name} is required", file=sys.stderr)
             return 1
     cli.quiet_libraries()
+    decode = {"decode": F.decode, "beam_size": F.beam_size,
+              "max_decode_length": F.max_decode_length}
     with cli.one_line_errors():
-        scores = predict_file(F.workdir, F.input, F.output, stage=F.stage, step=F.step,
-                              batch_size=F.batch_size)
+        scores = predict_file(source, F.input, F.output, stage=F.stage, step=F.step,
+                              batch_size=F.batch_size, backbone=F.backbone,
+                              accept_other_backbone=F.accept_other_backbone,
+                              artifact_only=bool(F.adapters), decode=decode)
     if scores:
         print(json.dumps(scores, indent=2))
     print(f"wrote {F.output}")

@@ -13,11 +13,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # layers only (the data package's own modules may also import each other).
 LAYERS = [
     ["errors", "task_types", "optim", "plots", "train_log", "models.ffn"],
-    ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data"],
-    ["models.mta", "models.moe", "models.adapters", "hf", "decoding"],
-    ["build", "step", "evaluation"],
+    ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data", "artifact_format"],
+    ["models.mta", "models.moe", "models.adapters", "hf", "decoding", "torch"],
+    ["build", "step", "evaluation", "artifact"],
     ["train", "predict"],
-    ["main", "experiments.summary"],
+    ["main", "experiments.summary", "export"],
     ["experiments.compare"],
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
@@ -71,7 +71,8 @@ def test_every_module_has_a_layer():
         _rank(_module_name(path))
 
 
-@pytest.mark.parametrize("entry", ["mta_jax.predict", "mta_jax.build", "mta_jax.evaluation",
+@pytest.mark.parametrize("entry", ["mta_jax.predict", "mta_jax.export", "mta_jax.build",
+                                   "mta_jax.evaluation",
                                    "benchmarks.run", "benchmarks.gpu", "benchmarks.workloads",
                                    "mta_jax.experiments.summary"])
 def test_inference_and_benchmarks_do_not_load_the_training_loop(entry):
