@@ -7,7 +7,6 @@ mean weights per task type is drawn from those.
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 from absl import logging
 
 from mta_jax import data as data_lib
-from mta_jax import decoding, plots, scoring
+from mta_jax import decoding, plots, scoring, storage
 from mta_jax.models import t5 as t5_lib
 
 
@@ -53,15 +52,14 @@ def generate(decode_fn: Callable, params, eval_set, batch_size: int, tokenizer,
 
 
 def write_predictions(path: str, examples: Sequence[dict], preds: Sequence[str]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """One JSON line per example: input, target, prediction, type (and task); local or gs://."""
+    with storage.open_atomic(path) as f:
         for ex, pred in zip(examples, preds):
             row = {"input": ex["input"], "target": ex["target"], "prediction": pred,
                    "type": ex["type"]}
             if ex.get("task"):
                 row["task"] = ex["task"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 class Evaluator:
@@ -71,7 +69,7 @@ class Evaluator:
                  task_types: Sequence[str], out_dir: str, name: str):
         self.eval_set, self.decode_fn, self.tokenizer = eval_set, decode_fn, tokenizer
         self.batch_size, self.task_types = batch_size, tuple(task_types)
-        self.out_dir, self.name = out_dir, name
+        self.out_dir, self.name = storage.path(out_dir), name
 
     @classmethod
     def for_config(cls, config, model: t5_lib.T5, tokenizer, *, out_dir: str,
@@ -89,13 +87,13 @@ class Evaluator:
                                        self.tokenizer, num_types=len(self.task_types))
         scores = scoring.score(preds, [e["target"] for e in examples], [e["type"] for e in examples])
         if jax.process_index() == 0:
-            write_predictions(os.path.join(self.out_dir, f"predictions_{step}.jsonl"), examples, preds)
+            write_predictions(self.out_dir / f"predictions_{step}.jsonl", examples, preds)
             if total is not None:
                 seen = count > 0
                 plots.routing_heatmap(
                     total[seen] / count[seen][:, None],
                     [t for t, s in zip(self.task_types, seen) if s],
-                    os.path.join(self.out_dir, f"routing_{step}.png"),
+                    self.out_dir / f"routing_{step}.png",
                     title=f"{self.name} step {step}: routing weights per task "
                           "(mean over the routed blocks)")
         logging.info("%s step %d: %s", self.name, step,

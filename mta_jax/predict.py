@@ -2,19 +2,20 @@
 
 Loads the run's config (`W/config.json`), the best checkpoint by eval/score of the stage (else
 the latest), decodes every line of the authors' JSON-lines input exactly as evaluation during
-training does, and writes `input`, `target`, `prediction`, `type` per line.
+training does, and writes `input`, `target`, `prediction`, `type` per line. The workdir, input
+and output may each be local or gs://.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Optional
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mta_jax import build, evaluation, scoring
+from mta_jax import build, evaluation, scoring, storage
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
 from mta_jax import cli
@@ -30,11 +31,10 @@ flags.DEFINE_integer("batch_size", None, "Decoding batch (default: config.eval.b
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.path(workdir) / "config.json"
+    if not path.exists():
         raise ConfigError(f"{path} does not exist: --workdir must be a training workdir")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(storage.read_json(path))
 
 
 def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = None):
@@ -43,8 +43,8 @@ def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = 
     stage = stage or tuple(config.stages)[-1]
     if stage not in build.STAGES:
         raise ConfigError(f"--stage must be one of {build.STAGES}; got {stage!r}")
-    ckpt_dir = os.path.join(workdir, stage, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.path(workdir) / stage / "checkpoints"
+    if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no checkpoint of {stage} in this workdir")
     setup = build.make_setup(config, training=False)
     built = setup.stage(stage)
@@ -75,7 +75,8 @@ def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Opti
     preds, _, _ = evaluation.generate(decode_fn, params, eval_set,
                                       batch_size or config.eval.batch_size, setup.tokenizer,
                                       len(task_types))
-    evaluation.write_predictions(output_path, examples, preds)
+    if jax.process_index() == 0:  # several hosts decode the same inputs; one writes
+        evaluation.write_predictions(output_path, examples, preds)
     scored = [(p, ex) for p, ex in zip(preds, examples) if ex.get("target")]
     if not scored or default_type is not None:
         return {}
