@@ -24,10 +24,11 @@ def one_line_errors():
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Orbax logs every file it writes at INFO; keep its warnings, drop the rest."""
+    """Orbax logs every file it writes at INFO, gcsfs / fsspec every read cache they open; keep
+    their warnings, drop the rest."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if "/orbax/" not in record.pathname:
+        if not any(lib in record.pathname for lib in ("/orbax/", "/gcsfs/", "/fsspec/")):
             return True
         # Saves without metrics are expected: only evaluated steps compete for "best".
         return record.levelno >= std_logging.WARNING and "did not provide metrics" not in str(record.msg)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mta_jax import data as data_lib
 from mta_jax import decoding, plots, scoring, storage
@@ -41,14 +42,22 @@ def generate(decode_fn: Callable, params, eval_set, batch_size: int, tokenizer,
                                     jnp.asarray(batch["attention_mask"]),
                                     jnp.asarray(batch["task_ids"]))
         real = len(examples)
-        texts.extend(decoding.decode_texts(np.asarray(tokens), tokenizer)[:real])
+        texts.extend(decoding.decode_texts(_on_host(tokens), tokenizer)[:real])
         if weights is not None:
             task_ids = np.asarray(batch["task_ids"])[:real]
             if total is None:
                 total = np.zeros((num_types, weights.shape[-1]))
-            np.add.at(total, task_ids, np.asarray(weights)[:real])
+            np.add.at(total, task_ids, _on_host(weights)[:real])
             np.add.at(count, task_ids, 1)
     return texts, total, count
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """A decoder output as numpy. With several processes it lies on devices of every host (the
+    parameters do): gather it, so that each process holds the whole batch."""
+    if not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
 
 
 def write_predictions(path: str, examples: Sequence[dict], preds: Sequence[str]) -> None:
