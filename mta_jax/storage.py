@@ -43,9 +43,11 @@ def open_atomic(p: PathLike) -> Iterator[Any]:
         try:
             yield f
         except BaseException:
-            # fsspec uploads on close(): cancel the upload and mark the file closed, so that
-            # neither this block nor garbage collection publishes a partial object.
-            f.discard()
+            # fsspec uploads on close(): mark the file closed, so that neither this block nor
+            # garbage collection publishes a partial object. Cancelling an upload already under
+            # way is a courtesy: an unfinished upload is never published either.
+            with contextlib.suppress(Exception):
+                f.discard()
             f.closed = True
             raise
         f.close()
