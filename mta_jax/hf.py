@@ -54,7 +54,7 @@ class RemoteTensor:
         return out if dtype is None else out.astype(dtype)
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str) -> dict[str, np.ndarray | RemoteTensor]:
     """Every tensor of one .safetensors file: a local file as memory-mapped numpy arrays, a
     remote one (gs://) as RemoteTensors, read tensor by tensor when used, never as a whole."""
     path = os.fspath(path)
@@ -102,7 +102,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
             f.write(blob)
 
 
-def read_weights(folder: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_weights(folder: str) -> tuple[dict[str, np.ndarray | RemoteTensor], dict[str, str]]:
     """All tensors of a folder (single file or sharded index) and the file each came from."""
     index_path = storage.path(folder) / INDEX_FILE
     single = storage.path(folder) / WEIGHTS_FILE
@@ -377,7 +377,7 @@ def save_hf_t5(path: str, model: t5_lib.T5, params: Mapping) -> None:
     Hugging Face format (save them with the Orbax checkpoint instead).
     """
     config = model.config
-    storage.path(path).mkdir(parents=True, exist_ok=True)
+    storage.makedirs(path)
     params = nn.unbox(params)
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params))
     plain = config.replace(ffn_plug=None)

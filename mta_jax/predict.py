@@ -61,6 +61,7 @@ def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = 
 def predict_file(workdir: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
                  step: Optional[int] = None, batch_size: Optional[int] = None) -> dict[str, float]:
     """Writes predictions for every line of `input_path`; returns scores when targets exist."""
+    storage.makedirs(storage.path(output_path).parent)  # a missing bucket fails before decoding
     setup, built, params, step = load_model(workdir, stage, step)
     config, task_types = setup.config, setup.task_types
     # In start_token mode routing reads the [START] token, so a line may omit its type.

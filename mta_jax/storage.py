@@ -16,6 +16,8 @@ from typing import Any, Iterator, Sequence
 
 from etils import epath
 
+from mta_jax.errors import StorageError
+
 PathLike = str | os.PathLike
 
 
@@ -32,6 +34,22 @@ def path(p: PathLike) -> epath.Path:
 def absolute(p: PathLike) -> epath.Path:
     """A URL as is; a local path made absolute (Orbax and tensorstore need one)."""
     return path(p) if is_remote(p) else epath.Path(os.path.abspath(path(p)))
+
+
+def makedirs(p: PathLike) -> epath.Path:
+    """`p`, ready to hold files. Local folders are created; an object store has no folders,
+    but its bucket must exist: checked here, so that a mistyped one is one error line before
+    the run starts rather than a traceback at its first write."""
+    target = path(p)
+    if not is_remote(target):
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+    scheme, rest = os.fspath(target).split("://", 1)
+    bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+    if not path(bucket).exists():
+        raise StorageError(f"{bucket} does not exist, or these credentials cannot read it "
+                           f"(writing {target})")
+    return target
 
 
 @contextlib.contextmanager

@@ -40,9 +40,8 @@ class Preempted(Exception):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs config.stages in order under workdir; returns per-stage statistics."""
+    root = storage.makedirs(workdir)
     setup = build.make_setup(config)
-    root = storage.path(workdir)
-    root.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # shared files: one writer; every process saves checkpoints
         storage.write_text(root / "config.json", config.to_json_best_effort(indent=2))
 
@@ -70,8 +69,7 @@ class StageRun:
         self.setup, self.name, self.workdir, self.stop = setup, name, workdir, stop
         self.stage = setup.stage(name)
         self.cfg = setup.config[name]
-        self.dir = storage.path(workdir) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = storage.makedirs(storage.path(workdir) / name)
         config = setup.config
         self.pipeline = data_lib.build_train_pipeline(
             config.data, tokenizer=setup.tokenizer, task_types=setup.task_types,

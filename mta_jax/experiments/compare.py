@@ -103,8 +103,7 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
                              f"got {list(variant_names)}")
     if num_seeds < 1:
         raise app.UsageError(f"--seeds must be >= 1; got {num_seeds}")
-    out = storage.path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.makedirs(out)
     batch = base.train.batch_size
     records: dict = {}
     total = len(variant_names) * num_seeds

@@ -13,8 +13,12 @@ import time
 
 import numpy as np
 import pytest
+from etils import epath
 
+from mta_jax import checkpoint as ckpt_lib
+from mta_jax import hf, storage
 from tests.gcs_emulator import GcsEmulator, free_port
+from tests.helpers import make_hf_t5
 from tests.integration import tiny
 
 pytestmark = pytest.mark.slow
@@ -46,8 +50,7 @@ def _main(gcs, workdir: str, **changes) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def _path(url: str):
-    from etils import epath
+def _path(url: str) -> epath.Path:
     return epath.Path(url)
 
 
@@ -73,7 +76,6 @@ def _scalars(event_bytes: bytes) -> dict[str, list[tuple[int, float]]]:
 
 
 def _write_and_die(url: str, data: bytes) -> None:
-    from mta_jax import storage
     try:
         with storage.open_atomic(url) as f:
             f.write(data)
@@ -84,7 +86,6 @@ def _write_and_die(url: str, data: bytes) -> None:
 
 
 def test_an_interrupted_write_leaves_the_object_as_it_was(gcs):
-    from mta_jax import storage
     url = _url(gcs, "atomic/state.json")
     storage.write_json(url, {"step": 1})
     _write_and_die(url, b'{"step": 2, "half": ')
@@ -117,6 +118,15 @@ def test_metric_rows_in_the_bucket_outlive_a_crash_up_to_the_last_flush(gcs):
     assert rows == [[(2, 2.0), (4, 1.0)], [(2, 2.0), (4, 1.5)]]
 
 
+def test_a_missing_bucket_is_one_error_line(gcs):
+    result = _main(gcs, "gs://no-such-bucket/run")
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: gs://no-such-bucket does not exist, or these credentials cannot "
+                      "read it (writing gs://no-such-bucket/run)"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.fixture(scope="module")
 def bucket_run(gcs):
     """One uninterrupted two-stage run into gs://<bucket>/run."""
@@ -134,7 +144,6 @@ def test_both_stages_write_every_file_into_the_bucket(bucket_run):
     assert config["stage1"]["num_train_steps"] == 12
     summary = json.loads(_path(f"{bucket_run}/summary.json").read_text())
     assert set(summary) == {"stage1", "stage2"} and summary["stage2"]["frozen_params"] > 0
-    from mta_jax import checkpoint as ckpt_lib
     for stage, steps in STEPS.items():
         d = f"{bucket_run}/{stage}"
         assert sorted(_losses(d)) == list(range(2, steps + 1, 2))
@@ -206,8 +215,6 @@ def _upload_folder(local, url: str) -> None:
 def test_init_from_a_hugging_face_folder_in_the_bucket(gcs, tmp_path):
     """Weights (read tensor by tensor) and tokenizer both come from gs://.../hf."""
     import transformers
-    from mta_jax import checkpoint as ckpt_lib, hf
-    from tests.helpers import make_hf_t5
     local = tmp_path / "hf"
     make_hf_t5(local, "v1_0", vocab_size=384)  # ByT5's 384 ids
     transformers.ByT5Tokenizer().save_pretrained(local)
