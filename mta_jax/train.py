@@ -13,8 +13,8 @@ The first process alone writes the shared files (config, summary, metrics, Tenso
 predictions, figures); every process writes its own part of each checkpoint, so several hosts
 need a workdir they all reach: a gs:// bucket. Restarting the same command resumes from the
 newest readable checkpoint of the newest unfinished stage and continues exactly: the data
-iterator state is in the checkpoint and each step's dropout key is fold_in(seed, step). What a stage trains is built by build.py; the step
-itself is step.py.
+iterator state is in the checkpoint and each step's dropout key is fold_in(seed, step). What a
+stage trains is built by build.py; the step itself is step.py.
 """
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ class MetricWriter:
     def _read_lines(self) -> list[str]:
         if not self.path.exists():
             return []
-        return [line for line in storage.read_text(self.path).splitlines(keepends=True) if line.strip()]
+        lines = storage.read_text(self.path).splitlines(keepends=True)
+        return [line for line in lines if line.strip()]
 
 
 def _step(line: str) -> float:
