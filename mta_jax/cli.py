@@ -24,11 +24,10 @@ def one_line_errors():
 
 
 class _QuietLibraries(std_logging.Filter):
-    """Orbax logs every file it writes at INFO, gcsfs / fsspec every read cache they open; keep
-    their warnings, drop the rest."""
+    """Orbax logs every file it writes at INFO; keep its warnings, drop the rest."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        if not any(lib in record.pathname for lib in ("/orbax/", "/gcsfs/", "/fsspec/")):
+        if "/orbax/" not in record.pathname:
             return True
         # Saves without metrics are expected: only evaluated steps compete for "best".
         return record.levelno >= std_logging.WARNING and "did not provide metrics" not in str(record.msg)
@@ -36,3 +35,5 @@ class _QuietLibraries(std_logging.Filter):
 
 def quiet_libraries() -> None:
     std_logging.getLogger("absl").addFilter(_QuietLibraries())
+    for name in ("gcsfs", "fsspec"):  # they log every gs:// read cache they open at INFO
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)

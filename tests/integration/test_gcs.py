@@ -212,14 +212,17 @@ def _upload_folder(local, url: str) -> None:
         _path(f"{url}/{name}").write_bytes((local / name).read_bytes())
 
 
-def test_init_from_a_hugging_face_folder_in_the_bucket(gcs, tmp_path):
-    """Weights (read tensor by tensor) and tokenizer both come from gs://.../hf."""
+def test_init_from_a_hugging_face_folder_and_data_files_in_the_bucket(gcs, tmp_path):
+    """Weights (read tensor by tensor), tokenizer and JSON-lines data all come from gs://."""
     import transformers
     local = tmp_path / "hf"
     make_hf_t5(local, "v1_0", vocab_size=384)  # ByT5's 384 ids
     transformers.ByT5Tokenizer().save_pretrained(local)
     folder = _url(gcs, "hf")
     _upload_folder(local, folder)
+    fixture = os.path.join(tiny.ROOT, "tests", "fixtures", "alter_small.jsonl")
+    data = _url(gcs, "data/alter_small.jsonl")
+    _path(data).write_bytes(open(fixture, "rb").read())
 
     tensors, origin = hf.read_weights(folder)
     expected, _ = hf.read_weights(str(local))
@@ -230,13 +233,18 @@ def test_init_from_a_hugging_face_folder_in_the_bucket(gcs, tmp_path):
 
     workdir = _url(gcs, "from_hf")
     # A learning rate of 1e-9: after two Adam steps the weights are still the folder's.
-    result = _main(gcs, workdir, **{"init_from": folder, "data.tokenizer": "",
-                                    "stages": "('stage1',)", "stage1.num_train_steps": 2,
-                                    "stage1.learning_rate": 1e-9, "eval_every_steps": 2})
+    result = _main(gcs, workdir, **{
+        "init_from": folder, "data.tokenizer": "", "data.source": "jsonl",
+        "data.train_path": data, "data.eval_path": data, "stages": "('stage1',)",
+        "stage1.num_train_steps": 2, "stage1.learning_rate": 1e-9, "eval_every_steps": 2})
     assert result.returncode == 0, result.stderr[-3000:]
     _, params = ckpt_lib.restore_params_from(f"{workdir}/stage1/checkpoints")
     np.testing.assert_allclose(np.asarray(params["shared"]["embedding"]),
                                expected["shared.weight"], atol=1e-7)
+    with open(fixture) as f:
+        inputs = {json.loads(line)["input"] for line in f}
+    predicted = _rows(f"{workdir}/stage1/predictions_2.jsonl")
+    assert predicted and {p["input"] for p in predicted} <= inputs
 
 
 def test_two_processes_train_into_one_bucket_workdir(gcs, bucket_run):
