@@ -15,6 +15,11 @@ setup(
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
+        # Every path may be local or gs://: epath for files, gcsfs behind it for gs://,
+        # google-cloud-storage for tensorboardX's gs:// event files.
+        "etils[epath,epy]",
+        "gcsfs",
+        "google-cloud-storage",
         "ml_collections>=1.0",
         "absl-py",
         "transformers>=4.45",
@@ -30,7 +35,8 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU build on these machines; a bare `torch` pulls CUDA.
-        "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+                 "gcp-storage-emulator"],
         # Serving an exported model with PyTorch (mta_jax.torch); any torch build fits.
         "torch": ["torch>=2.1", "transformers>=5", "safetensors", "etils[epath]"],
     },

@@ -12,8 +12,9 @@ data=-1 (every GPU a data-parallel replica; e.g. `-- --config.mesh.fsdp=2` to al
 parameters).
 
 Options (each also read from the environment variable in brackets):
-  --config PATH    config file                      [CONFIG, default configs/default.py]
-  --workdir DIR    run directory (checkpoints, metrics)
+  --config PATH    config file                      [CONFIG, default configs/demo.py, which
+                   runs as shipped; configs/default.py needs data.train_path]
+  --workdir DIR    run directory (checkpoints, metrics): a local path or gs://BUCKET/PATH
                                                     [WORKDIR, default runs/<config name>]
   --gpus LIST      GPUs to use, e.g. 0,1,2,3        [CUDA_VISIBLE_DEVICES, default all]
   --python PATH    Python interpreter               [PYTHON, default python3]
@@ -29,10 +30,10 @@ Environment it sets (yours win when already set):
 
 Several hosts (SLURM): one task per node, each with all of its node's GPUs; mta_jax sees
 SLURM_NTASKS > 1 and calls jax.distributed.initialize() (process 0 coordinates), and the
-global batch is split over every GPU of every node. The workdir must be on a filesystem all
-nodes share:
+global batch is split over every GPU of every node. The workdir must be one all nodes reach:
+a shared filesystem or a gs:// bucket. The command each node runs is printed first:
   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 \
-      launch/gpu.sh --config configs/default.py --workdir /shared/runs/mta
+      launch/gpu.sh --workdir gs://my-bucket/runs/demo
 Without SLURM, export JAX_COORDINATOR_ADDRESS=<host 0>:1234 JAX_NUM_PROCESSES=<hosts>
 JAX_PROCESS_ID=<0..hosts-1> on each host and run this script on each.
 EOF
@@ -41,7 +42,7 @@ EOF
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CONFIG="${CONFIG:-configs/default.py}"
+CONFIG="${CONFIG:-configs/demo.py}"
 WORKDIR="${WORKDIR:-}"
 PYTHON="${PYTHON:-python3}"
 INSTALL=0
@@ -93,5 +94,9 @@ else
   echo "gpu.sh: warning: nvidia-smi not found; JAX may fall back to the CPU" >&2
 fi
 
-run_cmd "$PYTHON" -m mta_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
-  --config.mesh.data=-1 ${EXTRA[@]+"${EXTRA[@]}"}
+main=("$PYTHON" -m mta_jax.main --config="$CONFIG" --workdir="$WORKDIR" --config.mesh.data=-1
+  ${EXTRA[@]+"${EXTRA[@]}"})
+if [[ "$DRY_RUN" != 1 ]]; then
+  echo "gpu.sh: on $(hostname): $(printf '%q ' "${main[@]}")" >&2
+fi
+run_cmd "${main[@]}"

@@ -26,9 +26,11 @@ Options (each also read from the environment variable in brackets):
                      v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e]
   --project PROJECT  GCP project                          [TPU_PROJECT, default: gcloud's]
   --spot             create a Spot (preemptible) slice    [TPU_SPOT=1]
-  --config PATH      config file, relative to the repo    [CONFIG, default configs/default.py]
-  --workdir DIR      run directory; a gs:// bucket path when the slice has several hosts
-                                                          [WORKDIR, default ~/mta_runs/NAME]
+  --config PATH      config file, relative to the repo    [CONFIG, default configs/demo.py,
+                     which runs as shipped; configs/default.py needs data.train_path]
+  --workdir DIR      run directory: gs://BUCKET/PATH, which every host of the slice reads
+                     and writes (checkpoints, metrics, predictions); a local path suits a
+                     single-host slice only            [WORKDIR, default ~/mta_runs/NAME]
   --python VER       Python for the workers' venv (~/mta-venv, made with uv)
                                                           [TPU_PYTHON, default 3.12]
   --detach           `run` keeps training after ssh exits (nohup; log in ~/mta-jax/train.log)
@@ -36,12 +38,13 @@ Options (each also read from the environment variable in brackets):
   --dry-run          print the gcloud commands instead of running them
   -h, --help         this text
 
-Every worker runs the same command; mta_jax reads the slice topology itself
-(MTA_JAX_DISTRIBUTED=1 -> jax.distributed.initialize()). The mesh defaults to data=-1
-(pure data parallelism); change it with e.g. `-- --config.mesh.fsdp=4`.
+Every worker runs the same command, printed before it starts; mta_jax reads the slice
+topology itself (MTA_JAX_DISTRIBUTED=1 -> jax.distributed.initialize()). The mesh defaults to
+data=-1 (pure data parallelism); change it with e.g. `-- --config.mesh.fsdp=4`. The workers
+reach gs:// with the VM's service account (no keys to copy).
 
 Examples:
-  launch/tpu_vm.sh up --type v4-8 --config configs/default.py --workdir gs://my-bucket/runs/mta
+  launch/tpu_vm.sh up --type v4-8 --workdir gs://my-bucket/runs/demo
   TPU_TYPE=v5litepod-8 TPU_ZONE=us-west4-a launch/tpu_vm.sh run -- --config.train.batch_size=32
   launch/tpu_vm.sh delete --yes
 EOF
@@ -57,7 +60,7 @@ VERSION="${TPU_VERSION:-}"
 PYTHON_VERSION="${TPU_PYTHON:-3.12}"
 PROJECT="${TPU_PROJECT:-}"
 SPOT="${TPU_SPOT:-0}"
-CONFIG="${CONFIG:-configs/default.py}"
+CONFIG="${CONFIG:-configs/demo.py}"
 WORKDIR="${WORKDIR:-}"
 DETACH=0
 YES=0
@@ -166,6 +169,7 @@ cmd_run() {
     flags+=" $(printf '%q ' "${EXTRA[@]}")"
   fi
   main="$REMOTE_VENV/bin/python -m mta_jax.main $flags"
+  echo "tpu_vm.sh: on every worker of $NAME: cd $REMOTE_DIR && MTA_JAX_DISTRIBUTED=1 $main" >&2
   if [[ "$DETACH" == 1 ]]; then
     on_all_workers "cd $REMOTE_DIR && MTA_JAX_DISTRIBUTED=1 nohup $main > train.log 2>&1 < /dev/null &"
     echo "tpu_vm.sh: training in the background; follow it with: launch/tpu_vm.sh logs --name $NAME --zone $ZONE" >&2

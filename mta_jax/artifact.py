@@ -8,7 +8,6 @@ back onto a backbone folder (the files and the digest: artifact_format.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
@@ -20,7 +19,7 @@ import numpy as np
 from etils import epath
 
 from mta_jax import artifact_format as fmt
-from mta_jax import hf
+from mta_jax import hf, storage
 from mta_jax.errors import CheckpointFormatError, ConfigError, UserError
 from mta_jax.models import ffn as ffn_lib
 from mta_jax.models import mta
@@ -77,11 +76,10 @@ def save_adapters(out_dir: str | epath.PathLike, model: t5_lib.T5, params: Mappi
     backbone = hf.backbone_to_hf(flax.traverse_util.unflatten_dict(
         {k: v for k, v in flat.items() if not _is_mta(k)}), plain, present_only=True)
     meta["backbone"]["digest"] = fmt.backbone_digest(backbone, meta)
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.write_safetensors(os.fspath(out / fmt.ADAPTERS_FILE),
+    out = storage.makedirs(out_dir)  # local or gs://
+    hf.write_safetensors(out / fmt.ADAPTERS_FILE,
                          {fmt.tensor_name(k): v for k, v in flat.items() if _is_mta(k)})
-    (out / fmt.CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    storage.write_json(out / fmt.CONFIG_FILE, meta, indent=2)
     return meta
 
 
@@ -143,13 +141,13 @@ def load_adapters(backbone_folder: str | epath.PathLike, adapter_dir: str | epat
     """
     folder, adapter_dir = os.fspath(backbone_folder), os.fspath(adapter_dir)
     meta = fmt.read_meta(adapter_dir)
-    model = model_from_meta(meta, os.path.join(adapter_dir, fmt.CONFIG_FILE))
+    model = model_from_meta(meta, str(storage.path(adapter_dir) / fmt.CONFIG_FILE))
     tensors, origin = hf.read_weights(folder)
     fmt.check_backbone(meta, shape_fields(hf.read_config(folder)), tensors,
                        where=folder, adapter_dir=adapter_dir,
                        accept_other_backbone=accept_other_backbone)
     backbone = flax.traverse_util.flatten_dict(hf.hf_to_backbone(tensors, model.config, origin))
-    adapters_path = os.path.join(adapter_dir, fmt.ADAPTERS_FILE)
+    adapters_path = str(storage.path(adapter_dir) / fmt.ADAPTERS_FILE)
     adapters = hf.read_safetensors(adapters_path)
     abstract = flax.traverse_util.flatten_dict(hf.abstract_params(model))
     fmt.check_tensors(adapters_path,

@@ -41,7 +41,7 @@ from absl import logging
 
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
-from mta_jax import hf, optim, sharding
+from mta_jax import hf, optim, sharding, storage
 from mta_jax.errors import ConfigError
 from mta_jax.models import adapters, moe, mta
 from mta_jax.models import t5 as t5_lib
@@ -148,10 +148,10 @@ def validate_config(config: ml_collections.ConfigDict, *,
     for field in ("batch_size", "max_decode_length", "beam_size"):
         if e[field] < 1:
             _fail(f"eval.{field}", ">= 1", e[field])
-    if config.init_from and not os.path.isdir(config.init_from) and os.path.sep in config.init_from \
-            and config.init_from.count("/") != 1:
-        _fail("init_from", "an existing Hugging Face folder or a hub name such as 't5-base'",
-              config.init_from)
+    if config.init_from and not storage.path(config.init_from).is_dir() \
+            and os.path.sep in config.init_from and config.init_from.count("/") != 1:
+        _fail("init_from", "an existing Hugging Face folder (local or gs://) or a hub name such "
+              "as 't5-base'", config.init_from)
     data_lib.validate_data_config(config.data)
     return plugs
 
@@ -183,15 +183,16 @@ def _validate_training(config, stages) -> None:
     if config.data.source == "jsonl":
         for field in ("train_path", "eval_path"):
             path = config.data[field]
-            if not path or not os.path.exists(path):
+            if not path or not storage.path(path).exists():
                 _fail(f"data.{field}", "an existing JSON-lines file (data.source = 'jsonl')", path)
 
 
 # ----------------------------------------------------------------------------- pretrained
 
 def resolve_init_from(name: str) -> str:
-    """A local folder as is; a hub name through huggingface_hub (cached, safetensors only)."""
-    if not name or os.path.isdir(name):
+    """A local or gs:// folder as is; a hub name through huggingface_hub (cached, safetensors
+    only)."""
+    if not name or storage.path(name).is_dir():
         return name
     try:
         from huggingface_hub import snapshot_download
@@ -202,8 +203,8 @@ def resolve_init_from(name: str) -> str:
 
 
 class Pretrained:
-    """A Hugging Face T5 folder: its config.json, and its weights opened (memory-mapped) once,
-    when first asked for."""
+    """A Hugging Face T5 folder: its config.json, and its weights opened once, when first asked
+    for (a local file memory-mapped; a gs:// one read tensor by tensor when used)."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -354,8 +355,9 @@ def initial_params(setup: Setup, stage: Stage, workdir: str) -> Any:
         host = hf.assemble_params(model, backbone, rng=rng)
         return jax.device_put(host, stage.param_shardings)
 
-    src = setup.config.stage2.init_checkpoint or os.path.join(workdir, "stage1", "checkpoints")
-    if not os.path.isdir(src):
+    src = storage.path(setup.config.stage2.init_checkpoint
+                       or storage.path(workdir) / "stage1" / "checkpoints")
+    if not src.is_dir():
         raise ConfigError(f"stage two starts from stage one's checkpoint, but {src} does not "
                           "exist: run stage1 first or set config.stage2.init_checkpoint")
     stage1 = setup.stage("stage1")

@@ -41,6 +41,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mta_jax import storage
 from mta_jax.errors import CheckpointError
 
 PyTree = Any
@@ -76,7 +77,7 @@ class Checkpointer:
     """Saves and restores one stage's checkpoints under `directory`.
 
     Args:
-      directory: the stage's checkpoint folder (created if missing).
+      directory: the stage's checkpoint folder, local or gs:// (created if missing).
       max_to_keep: how many of the latest steps to keep; None keeps every step.
       async_save: write in a background thread; `save` returns once the arrays are copied
         off the device, so the caller may donate or overwrite them right away. Call
@@ -89,7 +90,7 @@ class Checkpointer:
                  async_save: bool = True, keep_best_metric: Optional[str] = None):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None (keep all) or at least 1, got {max_to_keep}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.absolute(directory)
         self.keep_best_metric = keep_best_metric
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
         best_fn = None
@@ -260,8 +261,8 @@ def restore_params_from(directory: str | os.PathLike, step: Optional[int] = None
     `step` None: the newest readable step. Without `params_target`, the arrays are restored
     whole onto the first local device.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    directory = storage.absolute(directory)
+    if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     with Checkpointer(directory, max_to_keep=None, async_save=False) as checkpointer:
         return checkpointer.restore_params(step, params_target=params_target)

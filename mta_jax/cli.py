@@ -35,3 +35,5 @@ class _QuietLibraries(std_logging.Filter):
 
 def quiet_libraries() -> None:
     std_logging.getLogger("absl").addFilter(_QuietLibraries())
+    for name in ("gcsfs", "fsspec"):  # they log every gs:// read cache they open at INFO
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)

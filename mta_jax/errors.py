@@ -27,6 +27,10 @@ class CheckpointFormatError(UserError):
     """A Hugging Face folder, config or tensor that cannot be this model."""
 
 
+class StorageError(UserError):
+    """A place that cannot be written: e.g. a gs:// bucket that does not exist."""
+
+
 class ShardingError(UserError):
     """A mesh, batch size or model shape that cannot be laid out; names the numbers."""
 

@@ -7,16 +7,16 @@ mean weights per task type is drawn from those.
 from __future__ import annotations
 
 import json
-import os
 from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from mta_jax import data as data_lib
-from mta_jax import decoding, plots, scoring
+from mta_jax import decoding, plots, scoring, storage
 from mta_jax.models import t5 as t5_lib
 
 
@@ -42,26 +42,33 @@ def generate(decode_fn: Callable, params, eval_set, batch_size: int, tokenizer,
                                     jnp.asarray(batch["attention_mask"]),
                                     jnp.asarray(batch["task_ids"]))
         real = len(examples)
-        texts.extend(decoding.decode_texts(np.asarray(tokens), tokenizer)[:real])
+        texts.extend(decoding.decode_texts(_on_host(tokens), tokenizer)[:real])
         if weights is not None:
             task_ids = np.asarray(batch["task_ids"])[:real]
             if total is None:
                 total = np.zeros((num_types, weights.shape[-1]))
-            np.add.at(total, task_ids, np.asarray(weights)[:real])
+            np.add.at(total, task_ids, _on_host(weights)[:real])
             np.add.at(count, task_ids, 1)
     return texts, total, count
 
 
+def _on_host(x: jax.Array) -> np.ndarray:
+    """A decoder output as numpy. With several processes it lies on devices of every host (the
+    parameters do): gather it, so that each process holds the whole batch."""
+    if not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def write_predictions(path: str, examples: Sequence[dict], preds: Sequence[str]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """One JSON line per example: input, target, prediction, type (and task); local or gs://."""
+    with storage.open_atomic(path) as f:
         for ex, pred in zip(examples, preds):
             row = {"input": ex["input"], "target": ex["target"], "prediction": pred,
                    "type": ex["type"]}
             if ex.get("task"):
                 row["task"] = ex["task"]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 class Evaluator:
@@ -72,7 +79,7 @@ class Evaluator:
                  pool_anaphora: bool = False):
         self.eval_set, self.decode_fn, self.tokenizer = eval_set, decode_fn, tokenizer
         self.batch_size, self.task_types = batch_size, tuple(task_types)
-        self.out_dir, self.name = out_dir, name
+        self.out_dir, self.name = storage.path(out_dir), name
         self.pool_anaphora = pool_anaphora  # scoring.score: anaphora_resolution as classify
 
     @classmethod
@@ -92,13 +99,13 @@ class Evaluator:
         scores = scoring.score(preds, [e["target"] for e in examples],
                                [e["type"] for e in examples], pool_anaphora=self.pool_anaphora)
         if jax.process_index() == 0:
-            write_predictions(os.path.join(self.out_dir, f"predictions_{step}.jsonl"), examples, preds)
+            write_predictions(self.out_dir / f"predictions_{step}.jsonl", examples, preds)
             if total is not None:
                 seen = count > 0
                 plots.routing_heatmap(
                     total[seen] / count[seen][:, None],
                     [t for t, s in zip(self.task_types, seen) if s],
-                    os.path.join(self.out_dir, f"routing_{step}.png"),
+                    self.out_dir / f"routing_{step}.png",
                     title=f"{self.name} step {step}: routing weights per task "
                           "(mean over the routed blocks)")
         logging.info("%s step %d: %s", self.name, step,

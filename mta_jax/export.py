@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from typing import Any, Optional
 
 from absl import app, flags, logging
-from etils import epath
 
-from mta_jax import artifact, cli, predict
+from mta_jax import artifact, cli, predict, storage
 from mta_jax import artifact_format as fmt
 from mta_jax.data import tokenize
 
@@ -42,17 +42,29 @@ def export(workdir: str, out: str, *, stage: Optional[str] = None, step: Optiona
     if full and data["tokenizer"] != tokenize.BYT5:
         data["tokenizer"] = ""  # the backbone folder holds it
     meta = artifact.save_adapters(out, built.model, params, data=data, eval=config.eval.to_dict(),
-                                  source={"workdir": os.path.abspath(workdir), "stage": built.name,
+                                  source={"workdir": str(storage.absolute(workdir)), "stage": built.name,
                                           "step": int(step)})
     if full:
-        folder = epath.Path(out) / fmt.BACKBONE_DIR
+        folder = storage.path(out) / fmt.BACKBONE_DIR
         pretrained = None
         if setup.pretrained is not None and built.plug.replaces_dense:
             pretrained = setup.pretrained.backbone(built.model.config)
         stand_in = artifact.save_backbone(folder, built.model, params, pretrained=pretrained)
-        setup.tokenizer.save_pretrained(os.fspath(folder))
+        save_tokenizer(setup.tokenizer, folder)
         logging.info("wrote %s; the FFN of the MTA blocks there: %s", folder, stand_in)
     return meta
+
+
+def save_tokenizer(tokenizer, folder) -> None:
+    """tokenizer.save_pretrained into a local or gs:// folder (transformers writes local files)."""
+    if not storage.is_remote(folder):
+        tokenizer.save_pretrained(os.fspath(folder))
+        return
+    with tempfile.TemporaryDirectory() as local:
+        for name in tokenizer.save_pretrained(local):
+            name = os.path.basename(name)
+            storage.write_bytes(storage.path(folder) / name,
+                                open(os.path.join(local, name), "rb").read())
 
 
 def main(argv):
@@ -65,7 +77,7 @@ def main(argv):
     cli.quiet_libraries()
     with cli.one_line_errors():
         meta = export(F.workdir, F.out, stage=F.stage, step=F.step, full=F.full)
-    size = (epath.Path(F.out) / fmt.ADAPTERS_FILE).stat().length
+    size = (storage.path(F.out) / fmt.ADAPTERS_FILE).stat().length
     src = meta["source"]
     print(f"wrote {F.out}: the adapters of {src['stage']} step {src['step']} "
           f"({size / 2**20:.2f} MiB){', and the backbone' if F.full else ''}")

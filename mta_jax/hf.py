@@ -1,6 +1,7 @@
 """Hugging Face T5 checkpoints (config.json + safetensors) <-> this project's parameter trees.
 
-No PyTorch: safetensors files are read through numpy memory maps (bfloat16 via ml_dtypes).
+No PyTorch: safetensors files are read through numpy memory maps (bfloat16 via ml_dtypes), or
+from a gs:// folder tensor by tensor, by byte range.
 The raw config.json is read because transformers 5 rewrites `tie_word_embeddings`; the rule
 (docs/method.md, "The backbone"): scale the decoder output iff `scale_decoder_outputs` (when present) else iff
 `tie_word_embeddings`; the head is `lm_head.weight` when the file has it, else `shared.weight`.
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mta_jax import storage
 from mta_jax.artifact_format import HF_COPIES
 from mta_jax.errors import CheckpointFormatError
 from mta_jax.models import ffn as ffn_lib
@@ -35,15 +37,31 @@ _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 # --------------------------------------------------------------------------- safetensors
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Every tensor of one .safetensors file as a (memory-mapped) numpy array."""
+class RemoteTensor:
+    """One tensor of a remote safetensors file: shape and dtype from the header, the data
+    fetched (one ranged read of its bytes) when it is converted with np.asarray."""
+
+    def __init__(self, path: str, start: int, end: int, dtype: np.dtype, shape: tuple[int, ...]):
+        self.path, self.start, self.end = path, start, end
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+
+    def __array__(self, dtype=None, copy=None):
+        raw = storage.read_range(self.path, self.start, self.end)
+        out = np.frombuffer(raw, dtype=self.dtype).reshape(self.shape)
+        return out if dtype is None else out.astype(dtype)
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray | RemoteTensor]:
+    """Every tensor of one .safetensors file: a local file as memory-mapped numpy arrays, a
+    remote one (gs://) as RemoteTensors, read tensor by tensor when used, never as a whole."""
+    path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+        (header_len,) = struct.unpack("<Q", storage.read_range(path, 0, 8))
+        header = json.loads(storage.read_range(path, 8, 8 + header_len))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    data = None if storage.is_remote(path) else np.memmap(
+        path, dtype=np.uint8, mode="r", offset=8 + header_len)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -51,7 +69,12 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if info["dtype"] not in _ST_DTYPES:
             raise CheckpointFormatError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        out[name] = data[start:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype = _ST_DTYPES[info["dtype"]]
+        if data is None:
+            out[name] = RemoteTensor(path, 8 + header_len + start, 8 + header_len + end, dtype,
+                                     info["shape"])
+        else:
+            out[name] = data[start:end].view(dtype).reshape(info["shape"])
     return out
 
 
@@ -69,27 +92,24 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data on 8 bytes
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with storage.open_atomic(path) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for blob in blobs:
             f.write(blob)
-    os.replace(tmp, path)
 
 
-def read_weights(folder: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_weights(folder: str) -> tuple[dict[str, np.ndarray | RemoteTensor], dict[str, str]]:
     """All tensors of a folder (single file or sharded index) and the file each came from."""
-    index_path = os.path.join(folder, INDEX_FILE)
-    single = os.path.join(folder, WEIGHTS_FILE)
-    if os.path.exists(index_path):
+    index_path = storage.path(folder) / INDEX_FILE
+    single = storage.path(folder) / WEIGHTS_FILE
+    if index_path.exists():
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = storage.read_json(index_path)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointFormatError(f"{index_path}: not a safetensors index ({e!r})") from e
         files = sorted(set(weight_map.values()))
-    elif os.path.exists(single):
+    elif single.exists():
         files = [WEIGHTS_FILE]
     else:
         raise CheckpointFormatError(
@@ -97,11 +117,11 @@ def read_weights(folder: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             "are not read: convert them with save_pretrained(..., safe_serialization=True))")
     tensors, origin = {}, {}
     for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
+        path = storage.path(folder) / name
+        if not path.exists():
             raise CheckpointFormatError(f"{index_path}: lists {name}, which does not exist")
         for key, arr in read_safetensors(path).items():
-            tensors[key], origin[key] = arr, path
+            tensors[key], origin[key] = arr, os.fspath(path)
     return tensors, origin
 
 
@@ -112,14 +132,13 @@ _REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
 def read_config(folder: str, **overrides) -> t5_lib.T5Config:
     """T5Config from a raw Hugging Face config.json; `overrides` set dtype, ffn_plug, ..."""
-    if not os.path.isdir(folder):
+    if not storage.path(folder).is_dir():
         raise CheckpointFormatError(f"{folder}: no such checkpoint folder")
-    path = os.path.join(folder, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.path(folder) / CONFIG_FILE
+    if not path.exists():
         raise CheckpointFormatError(f"{path}: missing (a Hugging Face T5 folder has config.json)")
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = storage.read_json(path)
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{path}: invalid JSON ({e})") from e
     return config_from_hf(raw, path, **overrides)
@@ -366,7 +385,7 @@ def save_hf_t5(path: str, model: t5_lib.T5, params: Mapping) -> None:
     Hugging Face format (save them with the Orbax checkpoint instead).
     """
     config = model.config
-    os.makedirs(path, exist_ok=True)
+    storage.makedirs(path)
     params = nn.unbox(params)
     host = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), dict(params))
     plain = config.replace(ffn_plug=None)
@@ -378,6 +397,5 @@ def save_hf_t5(path: str, model: t5_lib.T5, params: Mapping) -> None:
                 f"cannot export {path}: the plug replaces the dense FFN at "
                 f"{'/'.join(missing[0][0])}; export the backbone before MTA, or merge adapters")
     tensors = backbone_to_hf(host, plain)
-    write_safetensors(os.path.join(path, WEIGHTS_FILE), tensors)
-    with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(config_to_hf(plain), f, indent=2)
+    write_safetensors(storage.path(path) / WEIGHTS_FILE, tensors)
+    storage.write_json(storage.path(path) / CONFIG_FILE, config_to_hf(plain), indent=2)

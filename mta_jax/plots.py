@@ -5,6 +5,7 @@ needs a display and the caller's pyplot backend and state are left alone.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -12,6 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mta_jax import storage
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -21,12 +24,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str) -> str:
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
+    # Rendered in memory, then written whole: a local file or a gs:// object alike.
+    png = io.BytesIO()
+    fig.savefig(png, format="png", bbox_inches="tight")
+    storage.write_bytes(path, png.getvalue())
+    return os.fspath(path)
 
 
 def routing_heatmap(weights: np.ndarray, task_names: Sequence[str], path: str,
@@ -37,7 +39,7 @@ def routing_heatmap(weights: np.ndarray, task_names: Sequence[str], path: str,
     Args:
       weights: [num_tasks, num_adapters], e.g. the mean selector weight per task type.
       task_names: num_tasks row labels.
-      path: the PNG to write (parent folders are created).
+      path: the PNG to write, local (parent folders are created) or gs://.
       title: optional figure title.
       adapter_names: num_adapters column labels; default "adapter 0", "adapter 1", ...
     """
@@ -109,7 +111,7 @@ def loss_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
 def read_metrics_jsonl(path: str) -> list[dict[str, Any]]:
     """The JSON objects of a metrics file, one per non-blank line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with storage.path(path).open("rb") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

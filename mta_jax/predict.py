@@ -2,7 +2,8 @@
 
 Loads the run's config (`W/config.json`), the best checkpoint by eval/score of the stage (else
 the latest), decodes every line of the authors' JSON-lines input exactly as evaluation during
-training does, and writes `input`, `target`, `prediction`, `type` per line.
+training does, and writes `input`, `target`, `prediction`, `type` per line. The workdir, input
+and output may each be local or gs://.
 
 From an adapter artifact (`python -m mta_jax.export`) instead of a workdir:
 `--adapters DIR [--backbone FOLDER]` (the backbone defaults to DIR/backbone; `--workdir DIR`
@@ -12,14 +13,14 @@ tokenizer is the backbone folder's unless the run used the byte tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, NamedTuple, Optional
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 
-from mta_jax import artifact, build, evaluation, scoring
+from mta_jax import artifact, build, evaluation, scoring, storage
 from mta_jax import artifact_format as fmt
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
@@ -44,11 +45,10 @@ flags.DEFINE_integer("max_decode_length", None, "Generated tokens (default: the 
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.path(workdir) / "config.json"
+    if not path.exists():
         raise ConfigError(f"{path} does not exist: --workdir must be a training workdir")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(storage.read_json(path))
     # A run saved before a data field existed reads it at its default.
     for key, value in data_lib.get_data_config().items():
         if key not in config.data:
@@ -62,8 +62,8 @@ def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = 
     stage = stage or tuple(config.stages)[-1]
     if stage not in build.STAGES:
         raise ConfigError(f"--stage must be one of {build.STAGES}; got {stage!r}")
-    ckpt_dir = os.path.join(workdir, stage, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.path(workdir) / stage / "checkpoints"
+    if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no checkpoint of {stage} in this workdir")
     setup = build.make_setup(config, training=False)
     built = setup.stage(stage)
@@ -92,7 +92,7 @@ class Predictor(NamedTuple):
 def load_artifact(adapter_dir: str, backbone: Optional[str] = None, *,
                   accept_other_backbone: bool = False) -> Predictor:
     """The Predictor of an adapter artifact on `backbone` (default: <adapter_dir>/backbone)."""
-    backbone = backbone or os.path.join(adapter_dir, fmt.BACKBONE_DIR)
+    backbone = backbone or str(storage.path(adapter_dir) / fmt.BACKBONE_DIR)
     model, params = artifact.load_adapters(backbone, adapter_dir,
                                            accept_other_backbone=accept_other_backbone)
     meta = fmt.read_meta(adapter_dir)
@@ -125,6 +125,7 @@ def predict_file(source: str, input_path: str, output_path: str, *, stage: Optio
     source: a training workdir or an adapter artifact folder (load_predictor); decode:
     config.eval fields to change (decode, beam_size, max_decode_length, ...).
     """
+    storage.makedirs(storage.path(output_path).parent)  # a missing bucket fails before decoding
     p = load_predictor(source, stage=stage, step=step, backbone=backbone,
                        accept_other_backbone=accept_other_backbone, artifact_only=artifact_only)
     eval_cfg = ml_collections.ConfigDict(p.eval.to_dict())
@@ -141,7 +142,8 @@ def predict_file(source: str, input_path: str, output_path: str, *, stage: Optio
     preds, _, _ = evaluation.generate(decode_fn, p.params, eval_set,
                                       batch_size or eval_cfg.batch_size, p.tokenizer,
                                       len(p.task_types))
-    evaluation.write_predictions(output_path, examples, preds)
+    if jax.process_index() == 0:  # several hosts decode the same inputs; one writes
+        evaluation.write_predictions(output_path, examples, preds)
     scored = [(pred, ex) for pred, ex in zip(preds, examples) if ex.get("target")]
     if not scored or default_type is not None:
         return {}

@@ -1,6 +1,6 @@
 """The two-stage training loop: `train_and_evaluate(config, workdir)`.
 
-Workdir layout (one folder per stage):
+Workdir layout (one folder per stage; a local folder or a gs:// URL, written through storage.py):
     <workdir>/config.json                      the resolved config of the last launch
     <workdir>/summary.json                     per stage: parameter counts, optimizer bytes, scores
     <workdir>/<stage>/checkpoints/<step>/      Orbax: params, opt_state, data_state, extra
@@ -9,16 +9,16 @@ Workdir layout (one folder per stage):
     <workdir>/<stage>/predictions_<step>.jsonl input, target, prediction, type
     <workdir>/<stage>/routing_<step>.png       task x adapter weights
     <workdir>/<stage>/loss.png                 the stage's loss curve
-Restarting the same command resumes from the newest readable checkpoint of the newest
-unfinished stage and continues exactly: the data iterator state is in the checkpoint and each
-step's dropout key is fold_in(seed, step). What a stage trains is built by build.py; the step
-itself is step.py.
+The first process alone writes the shared files (config, summary, metrics, TensorBoard,
+predictions, figures); every process writes its own part of each checkpoint, so several hosts
+need a workdir they all reach: a gs:// bucket. Restarting the same command resumes from the
+newest readable checkpoint of the newest unfinished stage and continues exactly: the data
+iterator state is in the checkpoint and each step's dropout key is fold_in(seed, step). What a
+stage trains is built by build.py; the step itself is step.py.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mta_jax import build, evaluation, optim, plots, sharding, step as step_lib, train_log
+from mta_jax import build, evaluation, optim, plots, sharding, storage, step as step_lib, train_log
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
 from mta_jax.errors import TrainingError
@@ -40,11 +40,10 @@ class Preempted(Exception):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs config.stages in order under workdir; returns per-stage statistics."""
+    root = storage.makedirs(workdir)
     setup = build.make_setup(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    if jax.process_index() == 0:  # shared files: one writer; every process saves checkpoints
+        storage.write_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     stop_requested = {"flag": False}
 
@@ -59,8 +58,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         signal.signal(signal.SIGTERM, previous)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(results, f, indent=2, default=float)
+        storage.write_json(root / "summary.json", results, indent=2, default=float)
     return results
 
 
@@ -71,13 +69,12 @@ class StageRun:
         self.setup, self.name, self.workdir, self.stop = setup, name, workdir, stop
         self.stage = setup.stage(name)
         self.cfg = setup.config[name]
-        self.dir = os.path.join(workdir, name)
-        os.makedirs(self.dir, exist_ok=True)
+        self.dir = storage.makedirs(storage.path(workdir) / name)
         config = setup.config
         self.pipeline = data_lib.build_train_pipeline(
             config.data, tokenizer=setup.tokenizer, task_types=setup.task_types,
             batch_size=config.train.batch_size, seed=config.seed)
-        self.ckpt = ckpt_lib.Checkpointer(os.path.join(self.dir, "checkpoints"),
+        self.ckpt = ckpt_lib.Checkpointer(self.dir / "checkpoints",
                                           max_to_keep=config.keep_checkpoints,
                                           keep_best_metric="eval/score")
         self.writer = train_log.MetricWriter(self.dir, enabled=jax.process_index() == 0)
@@ -116,6 +113,7 @@ class StageRun:
             self.writer.truncate_after(restored.step)
             logging.info("%s: resumed from step %d", self.name, restored.step)
             return restored.step
+        self.writer.truncate_after(0)  # rows of an attempt killed before its first checkpoint
         self.params = build.initial_params(self.setup, stage, self.workdir)
         self.opt_state = jax.jit(stage.tx.init, out_shardings=stage.opt_shardings)(self.params)
         return 0
@@ -164,6 +162,7 @@ class StageRun:
         return scores
 
     def _save(self, step: int, scores) -> None:
+        self.writer.flush()  # the rows up to this step outlive a crash, as the checkpoint does
         self.ckpt.save(step, params=self.params, opt_state=self.opt_state,
                        data_state=self.pipeline.iterator.get_state(),
                        extra={"stage": self.name, **(scores or {})}, metrics=scores or None)
@@ -180,7 +179,7 @@ class StageRun:
             return
         steps, losses = plots.metric_curve(plots.read_metrics_jsonl(self.writer.path), "loss")
         if steps:
-            plots.loss_curves({self.name: (steps, losses)}, os.path.join(self.dir, "loss.png"),
+            plots.loss_curves({self.name: (steps, losses)}, self.dir / "loss.png",
                               title=f"{self.name} training loss")
 
 

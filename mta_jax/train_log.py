@@ -1,32 +1,45 @@
 """What a training run writes while it runs: metrics.jsonl, TensorBoard event files, a progress bar.
 
 Only the first process writes (the others hold `enabled=False` writers); nothing here needs
-TensorFlow (TensorBoard files come from tensorboardX).
+TensorFlow (TensorBoard files come from tensorboardX, which writes gs:// itself).
 """
 from __future__ import annotations
 
 import json
-import os
-from typing import Any, Mapping
+import math
+import time
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
 from absl import logging
 
+from mta_jax import storage
+
 
 class MetricWriter:
-    """metrics.jsonl + TensorBoard event files (tensorboardX: no TensorFlow)."""
+    """metrics.jsonl + TensorBoard event files (tensorboardX: no TensorFlow).
 
-    def __init__(self, directory: str, enabled: bool = True):
-        self.path = os.path.join(directory, "metrics.jsonl")
-        self.enabled = enabled
+    A local metrics.jsonl grows by one appended line per row. An object store cannot append:
+    there the writer keeps the rows and rewrites the whole object at most every `flush_secs`
+    and on `flush()`, which the training loop calls before each checkpoint save, so the only
+    rows a crash can lose come after the last checkpoint: the rows a resume drops anyway
+    (`truncate_after`).
+    """
+
+    def __init__(self, directory: str, enabled: bool = True, flush_secs: float = 30.0):
+        self.path = storage.path(directory) / "metrics.jsonl"
+        self.enabled, self.flush_secs = enabled, flush_secs
+        self._remote = storage.is_remote(self.path)
+        self._lines: Optional[list[str]] = None  # remote: the object's rows, written on flush
+        self._unflushed, self._flushed_at = False, time.monotonic()
         self._tb = None
         if enabled:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(directory, flush_secs=30)
-            except ImportError:  # TensorBoard is optional; metrics.jsonl is not.
-                logging.warning("tensorboardX is not installed: no TensorBoard event files")
+                self._tb = SummaryWriter(str(directory), flush_secs=30)
+            except ImportError as e:  # TensorBoard is optional; metrics.jsonl is not.
+                logging.warning("no TensorBoard event files: %s", e)
 
     def write(self, step: int, row: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -35,8 +48,15 @@ class MetricWriter:
         for k, v in row.items():
             v = np.asarray(v)
             clean[k] = v.item() if v.ndim == 0 else [round(float(x), 6) for x in v.ravel()]
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        line = json.dumps(clean) + "\n"
+        if self._remote:
+            self._rows().append(line)
+            self._unflushed = True
+            if time.monotonic() - self._flushed_at >= self.flush_secs:
+                self.flush()
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
         if self._tb is not None:
             for k, v in clean.items():
                 if k == "step":
@@ -47,18 +67,47 @@ class MetricWriter:
                 elif isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
 
+    def flush(self) -> None:
+        """Makes every row written so far durable (a no-op for a local file)."""
+        if self._remote and self._unflushed:
+            storage.write_text(self.path, "".join(self._rows()))
+            self._unflushed, self._flushed_at = False, time.monotonic()
+
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows a crashed run wrote after its last checkpoint."""
-        if not (self.enabled and os.path.exists(self.path)):
+        """When a stage (re)starts at `step`, drop the rows an earlier attempt wrote after it."""
+        if not self.enabled:
             return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
-            f.writelines(rows)
+        lines = self._read_lines()
+        kept = [line for line in lines if _step(line) <= step]
+        if self._remote:
+            self._lines = kept
+        if len(kept) < len(lines):
+            storage.write_text(self.path, "".join(kept))
 
     def close(self) -> None:
+        if self.enabled:
+            self.flush()
         if self._tb is not None:
             self._tb.close()
+
+    def _rows(self) -> list[str]:
+        if self._lines is None:
+            self._lines = self._read_lines()
+        return self._lines
+
+    def _read_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        lines = storage.read_text(self.path).splitlines(keepends=True)
+        return [line for line in lines if line.strip()]
+
+
+def _step(line: str) -> float:
+    """The row's step; a line cut short by a killed process counts as after every step."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 class Progress:

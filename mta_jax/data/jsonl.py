@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from mta_jax import storage
 from mta_jax.data import examples as ex
 from mta_jax.errors import DataError
 from mta_jax.task_types import TASK_TYPES
@@ -90,7 +91,8 @@ def read_jsonl(
     default_type: str | None = None,
     require_target: bool | None = None,
 ) -> tuple[list[dict], DataReport]:
-    """Reads every line of `path`; bad lines raise DataError (file:line) or are counted.
+    """Reads every line of `path` (local or gs://); bad lines raise DataError (file:line) or
+    are counted.
 
     split: "train", "eval" or "predict"; it labels the report.
     default_type: the type of lines without one (None: "type" is required).
@@ -101,11 +103,11 @@ def read_jsonl(
     if require_target is None:
         require_target = split != "predict"
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not storage.path(path).is_file():
         raise DataError(f"JSON-lines file not found: {path!r}")
     report = DataReport(split=split, source=f"jsonl:{path}")
     examples: list[dict] = []
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:

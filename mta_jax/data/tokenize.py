@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mta_jax import storage
 from mta_jax.errors import DataError
 from mta_jax.data.registry import task_type_index
 from mta_jax.data.report import DataReport
@@ -23,6 +24,7 @@ from mta_jax.data.report import DataReport
 BYT5 = "byt5"
 _CHUNK = 1024  # texts per tokenizer call
 _SENTINEL = re.compile(r"<extra_id_(\d+)>")
+_WEIGHT_FILES = (".safetensors", ".bin", ".h5", ".msgpack", ".ckpt", ".pt", ".pth", ".onnx")
 
 
 def get_tokenizer(name_or_path: str) -> Any:
@@ -31,6 +33,12 @@ def get_tokenizer(name_or_path: str) -> Any:
 
     if name_or_path == BYT5:
         return transformers.ByT5Tokenizer()
+    if storage.is_remote(name_or_path):
+        # transformers reads local folders only: copy the tokenizer files (not the weights).
+        if not storage.path(name_or_path).is_dir():
+            raise DataError(f"tokenizer directory {name_or_path!r} (config.data.tokenizer or "
+                            "config.init_from) does not exist")
+        name_or_path = storage.local_copy(name_or_path, skip_suffixes=_WEIGHT_FILES)
     expanded = os.path.expanduser(name_or_path)
     looks_local = name_or_path.startswith((os.sep, ".", "~")) or os.path.exists(expanded)
     if looks_local and not os.path.isdir(expanded):

@@ -13,7 +13,6 @@ OUT/routing_<variant>_seed<k>_<stage>.png. Config overrides (--config.a.b=v) app
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -22,10 +21,11 @@ import sys
 import time
 from typing import Optional
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mta_jax import build, cli
+from mta_jax import build, cli, storage
 from mta_jax.errors import ConfigError
 from mta_jax.experiments import summary as summary_lib
 
@@ -50,7 +50,6 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    import jax
     return f"{model}, {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"
 
 
@@ -85,13 +84,14 @@ def run_one(config, workdir: str) -> None:
     The run is the training entry point itself (`train.train_and_evaluate`, as
     `python -m mta_jax.main` runs it): a study is a set of ordinary training runs."""
     from mta_jax import train
-    if os.path.exists(os.path.join(workdir, "summary.json")):
+    if (storage.path(workdir) / "summary.json").exists():
         logging.info("%s: finished earlier, skipped", workdir)
         return
     t0 = time.perf_counter()
     train.train_and_evaluate(config, workdir)
-    with open(os.path.join(workdir, "timing.json"), "w") as f:
-        json.dump({"wall_seconds": time.perf_counter() - t0}, f)
+    if jax.process_index() == 0:
+        storage.write_json(storage.path(workdir) / "timing.json",
+                           {"wall_seconds": time.perf_counter() - t0})
 
 
 def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
@@ -103,14 +103,14 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
                              f"got {list(variant_names)}")
     if num_seeds < 1:
         raise app.UsageError(f"--seeds must be >= 1; got {num_seeds}")
-    os.makedirs(out, exist_ok=True)
+    out = storage.makedirs(out)
     batch = base.train.batch_size
     records: dict = {}
     total = len(variant_names) * num_seeds
     for i, (variant, seed) in enumerate((v, s) for v in variant_names for s in range(num_seeds)):
         config = configure(base, variant, steps or None)
         config.seed = seed
-        workdir = os.path.join(out, variant, f"seed{seed}")
+        workdir = out / variant / f"seed{seed}"
         t0 = time.perf_counter()
         run_one(config, workdir)
         record = summary_lib.run_record(workdir, batch)
@@ -122,23 +122,22 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
     summary = summary_lib.aggregate(records)
     stamp = lambda t: datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
     when = stamp(time.time())
-    trained = stamp(max(os.path.getmtime(os.path.join(out, v, f"seed{s}", "summary.json"))
+    trained = stamp(max((out / v / f"seed{s}" / "summary.json").stat().mtime
                         for v in variant_names for s in range(num_seeds)))
     header = (f"# Variant comparison\n\nLast run finished {trained}, report written {when}; "
               f"{machine()}\n\n"
               + (f"Command: `{command}`\n\n" if command else "")
               + f"Batch {batch}; {steps or 'config'} steps per run; seeds 0..{num_seeds - 1}.\n")
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(summary_lib.markdown(summary, header=header))
-        routing = summary_lib.copy_routing(records, out)
-        loss = summary_lib.loss_plot(records, os.path.join(out, "loss_curves.png"))
-        f.write("\n" + ("![loss curves](loss_curves.png)\n" if loss else ""))
-        for path in routing:
-            f.write(f"![{os.path.basename(path)}]({os.path.basename(path)})\n")
     results = {"date": when, "machine": machine(), "command": command, "batch_size": batch,
                **summary, "runs": {v: {str(s): r for s, r in by.items()} for v, by in records.items()}}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if jax.process_index() == 0:  # the study's shared files have one writer
+        routing = summary_lib.copy_routing(records, out)
+        loss = summary_lib.loss_plot(records, out / "loss_curves.png")
+        storage.write_text(out / "report.md", summary_lib.markdown(summary, header=header) + "\n"
+                           + ("![loss curves](loss_curves.png)\n" if loss else "")
+                           + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n"
+                                     for p in routing))
+        storage.write_json(out / "results.json", results, indent=2)
     return results
 
 
@@ -147,7 +146,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_libraries()
     if FLAGS.compilation_cache != "none":
-        import jax
         jax.config.update("jax_compilation_cache_dir",
                           FLAGS.compilation_cache or os.path.join(FLAGS.out, ".jax_cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

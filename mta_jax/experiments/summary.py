@@ -5,16 +5,14 @@ timing.json), so a study can be re-summarised, or resumed, without re-running an
 """
 from __future__ import annotations
 
-import glob
-import json
 import os
 import re
-import shutil
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from etils import epath
 
-from mta_jax import plots
+from mta_jax import plots, storage
 
 BASELINE = "dense"
 NO_ROUTING = (BASELINE, "shared_adapter")  # their routing heatmaps say nothing: not copied
@@ -27,11 +25,11 @@ def _last_eval(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def run_record(workdir: str, batch_size: int) -> dict[str, Any]:
     """What report.md needs from one finished run (a workdir holding summary.json)."""
-    with open(os.path.join(workdir, "summary.json")) as f:
-        summary = json.load(f)
+    workdir = storage.path(workdir)
+    summary = storage.read_json(workdir / "summary.json")
     stages = list(summary)
     final = summary[stages[-1]]
-    rows = {s: plots.read_metrics_jsonl(os.path.join(workdir, s, "metrics.jsonl")) for s in stages}
+    rows = {s: plots.read_metrics_jsonl(workdir / s / "metrics.jsonl") for s in stages}
     if "eval/score" not in final:  # a stage found already finished on resume reports no scores
         final = {**final, **_last_eval(rows[stages[-1]])}
     scores = {k[len("eval/"):-len("/score")] if k != "eval/score" else "overall": float(v)
@@ -51,11 +49,8 @@ def run_record(workdir: str, batch_size: int) -> dict[str, Any]:
         curve_steps += [offset + r["step"] for r in train_rows]
         curve_loss += [r["loss"] for r in train_rows]
         offset += n
-    timing_path = os.path.join(workdir, "timing.json")
-    wall = None
-    if os.path.exists(timing_path):
-        with open(timing_path) as f:
-            wall = json.load(f).get("wall_seconds")
+    timing_path = workdir / "timing.json"
+    wall = storage.read_json(timing_path).get("wall_seconds") if timing_path.exists() else None
     return {
         "scores": scores,
         "trainable_params": {s: int(summary[s]["trainable_params"]) for s in stages},
@@ -65,16 +60,16 @@ def run_record(workdir: str, batch_size: int) -> dict[str, Any]:
         "step_ms": step_ms / steps_done if steps_done else None,
         "wall_seconds": wall,
         "loss_curve": [curve_steps, curve_loss],
-        "routing_png": {s: _latest_png(os.path.join(workdir, s)) for s in stages},
+        "routing_png": {s: _latest_png(workdir / s) for s in stages},
     }
 
 
-def _latest_png(stage_dir: str) -> Optional[str]:
+def _latest_png(stage_dir: epath.Path) -> Optional[str]:
     found = []
-    for path in glob.glob(os.path.join(stage_dir, "routing_*.png")):
-        m = re.fullmatch(r"routing_(\d+)\.png", os.path.basename(path))
+    for path in stage_dir.glob("routing_*.png"):
+        m = re.fullmatch(r"routing_(\d+)\.png", path.name)
         if m:
-            found.append((int(m.group(1)), path))
+            found.append((int(m.group(1)), os.fspath(path)))
     return max(found)[1] if found else None
 
 
@@ -191,7 +186,7 @@ def copy_routing(records: Mapping[str, Mapping[int, Mapping[str, Any]]], out_dir
         for seed, r in sorted(by_seed.items()):
             for stage, src in r["routing_png"].items():
                 if src and variant not in NO_ROUTING:
-                    dst = os.path.join(out_dir, f"routing_{variant}_seed{seed}_{stage}.png")
-                    shutil.copyfile(src, dst)
-                    written.append(dst)
+                    dst = storage.path(out_dir) / f"routing_{variant}_seed{seed}_{stage}.png"
+                    storage.write_bytes(dst, storage.path(src).read_bytes())
+                    written.append(os.fspath(dst))
     return written

@@ -1,4 +1,5 @@
 """launch/*.sh: valid bash, --help without side effects, and the commands they would run."""
+import importlib
 import os
 import shutil
 import subprocess
@@ -72,8 +73,11 @@ def test_tpu_run_on_all_workers_and_delete(fake_tools):
     assert proc.returncode == 0, proc.stderr
     call = log.read_text()
     assert call.startswith("gcloud compute tpus tpu-vm ssh exp1 --zone=europe-west4-a --worker=all --command=")
-    assert ("MTA_JAX_DISTRIBUTED=1 ~/mta-venv/bin/python -m mta_jax.main --config=configs/default.py "
-            "--workdir=gs://bucket/runs/exp1 --config.train.batch_size=32") in call
+    main = ("MTA_JAX_DISTRIBUTED=1 ~/mta-venv/bin/python -m mta_jax.main --config=configs/demo.py "
+            "--workdir=gs://bucket/runs/exp1 --config.train.batch_size=32")
+    assert main in call
+    assert f"tpu_vm.sh: on every worker of exp1: cd ~/mta-jax && {main}" in proc.stderr
+    assert "local to each worker" not in proc.stderr  # the gs:// workdir is shared
     log.unlink()
     proc = run("launch/tpu_vm.sh", "delete", "--yes", env=env)
     assert proc.returncode == 0
@@ -89,6 +93,29 @@ def test_gpu_runs_main_with_data_parallel_mesh(fake_tools):
                          "--config.mesh.data=-1 --config.seed=1")
     proc = run("launch/gpu.sh", "--dry-run", env={**env, "XLA_FLAGS": "--mine=1"})
     assert "XLA_FLAGS=--mine=1 --xla_gpu_enable_latency_hiding_scheduler=true" in proc.stdout
+
+
+def test_gpu_defaults_to_the_demo_and_prints_the_command_for_a_bucket_workdir(fake_tools):
+    env, log = fake_tools
+    proc = run("launch/gpu.sh", "--workdir", "gs://bucket/runs/g1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    command = ("python3 -m mta_jax.main --config=configs/demo.py --workdir=gs://bucket/runs/g1 "
+               "--config.mesh.data=-1")
+    assert log.read_text().splitlines()[-1] == command
+    assert f": {command}" in proc.stderr and proc.stderr.count("gpu.sh: on ") == 1
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_default_config_runs_as_shipped(script):
+    """The launchers' default config validates with no data files or weights to fetch."""
+    import re
+    from mta_jax import build
+    with open(os.path.join(ROOT, script)) as f:
+        default = re.search(r'CONFIG="\$\{CONFIG:-([^}]+)\}"', f.read()).group(1)
+    module = importlib.import_module(default[:-len(".py")].replace("/", "."))
+    config = module.get_config()
+    assert not config.init_from and config.data.source == "synthetic"
+    build.validate_config(config)
 
 
 def test_ci_runs_the_readme_test_command():

@@ -12,7 +12,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Lowest first; README "Layout" draws the same picture. A module may import modules of lower
 # layers only (the data package's own modules may also import each other).
 LAYERS = [
-    ["errors", "task_types", "optim", "plots", "train_log", "models.ffn"],
+    ["errors"],
+    ["storage"],
+    ["task_types", "optim", "plots", "train_log", "models.ffn"],
     ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data", "artifact_format"],
     ["models.mta", "models.moe", "models.adapters", "hf", "decoding", "torch"],
     ["build", "step", "evaluation", "artifact"],
