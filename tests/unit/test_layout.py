@@ -12,11 +12,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Lowest first; README "Layout" draws the same picture. A module may import modules of lower
 # layers only (the data package's own modules may also import each other).
 LAYERS = [
-    ["errors", "task_types", "optim", "plots", "train_log", "models.ffn"],
+    ["errors", "task_types", "optim", "plots", "train_log", "models.ffn", "flops"],
     ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data"],
     ["models.mta", "models.moe", "models.adapters", "hf", "decoding"],
     ["build", "step", "evaluation"],
-    ["train", "predict"],
+    ["train", "predict", "compile"],
     ["main", "experiments.summary"],
     ["experiments.compare"],
 ]
