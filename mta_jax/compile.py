@@ -273,7 +273,7 @@ def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int
     try:
         compiled = compile_train_step(setup, name)
     except Exception as e:  # noqa: BLE001 -- XLA refuses a program over the chip's HBM
-        used = _hbm_used(str(e))
+        used = _xla_out_of_memory(str(e), sum(state.values()))
         if used is None:
             raise
         return _unfit(report, clock, state, used, str(e).splitlines()[0][:300])
@@ -301,12 +301,18 @@ def _unfit(report: dict, clock: "_Clock", state: dict, total: int, note: str) ->
     return report
 
 
-def _hbm_used(message: str) -> Optional[int]:
-    """Bytes from XLA's "Ran out of memory in memory space hbm. Used 18.9G of 15.7G hbm"."""
-    m = re.search(r"Used ([\d.]+)([KMGT]?)(?:i?B)? of ([\d.]+)([KMGT]?)(?:i?B)? hbm", message)
-    if not m:
-        return None
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+def _xla_out_of_memory(message: str, state_bytes: int) -> Optional[int]:
+    """The bytes a step needs from XLA's refusal to compile it for the chip, or None when
+    `message` is another error. XLA TPU words it "... Used 18.9G of 15.7G hbm ..." (the
+    whole program) or "... memory required for HLO temporaries (18.37G) exceeds available
+    HBM (15.75G)" (temporaries: the arguments come on top)."""
+    size = r"([\d.]+)([KMGT]?)(?:i?B)?"
+    to_bytes = lambda m, i: int(float(m.group(i)) * 1024 ** " KMGT".index(m.group(i + 1) or " "))
+    whole = re.search(rf"Used {size} of {size} hbm", message)
+    if whole:
+        return to_bytes(whole, 1)
+    temps = re.search(rf"HLO temporaries \({size}\) exceeds available HBM", message)
+    return to_bytes(temps, 1) + state_bytes if temps else None
 
 
 def decode_report(setup: build.Setup, name: str, hbm_bytes: int,

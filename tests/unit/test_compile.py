@@ -223,3 +223,12 @@ def test_cli_exits_1_with_one_error_line_and_writes_the_json(tmp_path, data_para
     assert "stage1 train step" in proc.stdout and "DOES NOT FIT" in proc.stdout
     result = json.loads(out.read_text())
     assert result["steps"][0]["fits"] is False and result["hbm_bytes"] < result["chip"]["hbm_bytes"]
+
+
+def test_xla_refusing_a_program_over_the_hbm_gives_the_bytes_it_needs():
+    oom = C._xla_out_of_memory
+    assert oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (18.37G) exceeds available HBM (15.75G).", 10) == int(18.37 * 2**30) + 10
+    assert oom("Ran out of memory in memory space hbm. Used 18.93G of 15.75G hbm.", 10) == \
+        int(18.93 * 2**30)
+    assert oom("INTERNAL: something else", 10) is None
