@@ -35,8 +35,11 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is the CPU build on these machines; a bare `torch` pulls CUDA.
+        # jax[tpu] brings libtpu, which compiles for TPU slices on any Linux host (the
+        # mta_jax.compile tests); it follows the installed jax (0.10 on 3.11, 0.12 on 3.12).
         "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
-                 "gcp-storage-emulator"],
+                 "gcp-storage-emulator",
+                 "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Serving an exported model with PyTorch (mta_jax.torch); any torch build fits.
         "torch": ["torch>=2.1", "transformers>=5", "safetensors", "etils[epath]"],
     },

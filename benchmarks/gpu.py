@@ -55,7 +55,7 @@ def measure(name: str, config, shape, steps: int, peak: float | None,
             profile: bool = False) -> dict:
     import jax
 
-    from benchmarks import flops as F
+    from mta_jax import flops as F
     from benchmarks import profile as P
     from benchmarks import workloads as W
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from benchmarks import flops as F
+    from mta_jax import flops as F
     from benchmarks import workloads as W
 
     device = jax.devices()[0]

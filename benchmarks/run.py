@@ -196,7 +196,7 @@ class SizeRun:
     def pool_a(self, twins: dict):
         """MTA (three placements) over dense, against their FLOP ratio; JAX over PyTorch.
         Returns the compiled dense and MTA steps, reused by the later phases."""
-        from benchmarks import flops as F
+        from mta_jax import flops as F
         from benchmarks import torch_t5
 
         print(f"[{self.size}] pool A: MTA overhead, JAX vs PyTorch", flush=True)
@@ -255,7 +255,7 @@ class SizeRun:
 
     def pool_b(self, stage_one) -> None:
         """Stage two (frozen backbone; top-k dense and gathered) against stage one."""
-        from benchmarks import flops as F
+        from mta_jax import flops as F
         from benchmarks import timing
         from benchmarks import workloads as W
         from mta_jax.models import mta as mta_lib

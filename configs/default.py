@@ -94,6 +94,9 @@ def get_config():
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 4  # global batch, examples per optimizer step
     config.train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+    # Dropout keys: "threefry2x32" (the same masks on every platform) | "rbg" | "unsafe_rbg"
+    # (XLA's RngBitGenerator: on TPU far cheaper to compile and run; README "Compile for TPU")
+    config.train.rng_impl = "threefry2x32"
 
     e = config.eval = ml_collections.ConfigDict()
     e.batch_size = 16  # examples per decoding batch

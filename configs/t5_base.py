@@ -18,4 +18,8 @@ def get_config():
     config.data.mixture = "temperature"
     config.data.mixture_temperature = 2.0
     config.mta.encoder_layers = config.mta.decoder_layers = "11"  # the last block of T5-base
+    # Accelerators: bfloat16 activations (float32 parameters and optimizer state), and dropout
+    # bits from XLA's RngBitGenerator (README "Compile for TPU" has the figures).
+    config.model.dtype = "bfloat16"
+    config.train.rng_impl = "rbg"
     return config

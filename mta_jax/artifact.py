@@ -118,7 +118,7 @@ def model_from_meta(meta: Mapping[str, Any], where: str) -> t5_lib.T5:
         raise CheckpointFormatError(f"{where}: plug is not an MTA config this mta_jax reads "
                                     f"({e})") from e
     m = meta["model"]
-    config = hf.config_from_hf(meta["backbone"]["config"], where, dtype=m["dtype"],
+    config = hf.config_from_dict(meta["backbone"]["config"], where, dtype=m["dtype"],
                                param_dtype=m["param_dtype"], ffn_plug=plug)
     return t5_lib.T5(config.replace(tie_word_embeddings=m["tie_word_embeddings"]))
 

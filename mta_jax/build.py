@@ -50,6 +50,7 @@ STAGES = ("stage1", "stage2")
 VARIANTS = ("dense", "shared_adapter", "switch_moe", "task_moe", "mta_stage1", "mta")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
+RNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")  # jax.random key implementations (dropout)
 
 
 def _fail(field: str, rule: str, value: Any):
@@ -126,11 +127,12 @@ def reads_task_type(config) -> bool:
 
 # ----------------------------------------------------------------------------- validation
 
-def validate_config(config: ml_collections.ConfigDict, *,
-                    training: bool = True) -> dict[str, Optional[t5_lib.FfnPlug]]:
+def validate_config(config: ml_collections.ConfigDict, *, training: bool = True,
+                    data_files: bool = True) -> dict[str, Optional[t5_lib.FfnPlug]]:
     """Checks everything that can be checked before anything heavy runs (ConfigError/DataError).
 
     training=False checks what inference needs: the model, decoding and data layout.
+    data_files=False skips the data files' existence (compiling ahead of time reads none).
     Returns each stage's FFN plug: building it is how the mta / moe fields are checked.
     """
     stages = tuple(config.stages)
@@ -141,7 +143,7 @@ def validate_config(config: ml_collections.ConfigDict, *,
     plugs = {stage: ffn_plug(config, stage) for stage in STAGES if stage in stages or
              (stage == "stage1" and "stage2" in stages)}  # stage two starts from stage one's
     if training:
-        _validate_training(config, stages)
+        _validate_training(config, stages, data_files)
     e = config.eval
     if e.decode not in ("beam", "greedy"):
         _fail("eval.decode", "'beam' or 'greedy'", e.decode)
@@ -156,7 +158,7 @@ def validate_config(config: ml_collections.ConfigDict, *,
     return plugs
 
 
-def _validate_training(config, stages) -> None:
+def _validate_training(config, stages, data_files: bool) -> None:
     for stage in stages:
         s = config[stage]
         if s.num_train_steps < 1:
@@ -180,7 +182,10 @@ def _validate_training(config, stages) -> None:
     for field in ("checkpoint_every_steps", "eval_every_steps", "log_every_steps"):
         if config[field] < 1:
             _fail(field, ">= 1", config[field])
-    if config.data.source == "jsonl":
+    rng_impl = config.train.get("rng_impl", "threefry2x32")
+    if rng_impl not in RNG_IMPLS:
+        _fail("train.rng_impl", f"one of {', '.join(RNG_IMPLS)}", rng_impl)
+    if data_files and config.data.source == "jsonl":
         for field in ("train_path", "eval_path"):
             path = config.data[field]
             if not path or not storage.path(path).exists():
@@ -224,6 +229,30 @@ class Pretrained:
         return flax.traverse_util.flatten_dict(hf.hf_to_backbone(tensors, config, origin))
 
 
+class ShapesOnly:
+    """A pretrained checkpoint's shapes without its weights or tokenizer, for compiling ahead of
+    time: a local folder's config.json, or a published checkpoint's (hf.PUBLISHED_CONFIGS).
+    Nothing is downloaded; `source` says where the shapes came from."""
+
+    def __init__(self, name: str):
+        if os.path.isdir(name):
+            self.source = os.path.join(name, hf.CONFIG_FILE)
+            self._config = lambda **overrides: hf.read_config(name, **overrides)
+        elif name in hf.PUBLISHED_CONFIGS:
+            self.source = f"the published config.json of {name} (mta_jax/hf.py)"
+            self._config = lambda **overrides: hf.config_from_dict(
+                hf.PUBLISHED_CONFIGS[name], self.source, **overrides)
+        else:
+            raise ConfigError(
+                f"config.init_from={name!r} is neither a local folder nor a checkpoint whose shapes "
+                f"are known offline ({', '.join(sorted(hf.PUBLISHED_CONFIGS))}): pass a folder "
+                "holding its config.json")
+
+    def model_config(self, **overrides) -> t5_lib.T5Config:
+        """The T5Config; config.json's tie_word_embeddings decides the head (no weights here)."""
+        return self._config(**overrides)
+
+
 # ----------------------------------------------------------------------------- a stage
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +280,8 @@ class Setup:
 
     config: ml_collections.ConfigDict
     plugs: dict  # stage -> its FFN plug (None: plain T5), from validate_config
-    tokenizer: Any
-    pretrained: Optional[Pretrained]
+    tokenizer: Any  # None when built from shapes only
+    pretrained: Optional[Pretrained | ShapesOnly]
     mesh: Any
     rules: tuple
     train_decoder_start_id: Optional[int] = None  # config.data.train_decoder_start; None: pad
@@ -269,21 +298,29 @@ class Setup:
 
 
 def make_setup(config: ml_collections.ConfigDict, *, training: bool = True,
-               mesh: Any = None) -> Setup:
+               mesh: Any = None, shapes_only: bool = False) -> Setup:
     """Validates `config` and opens what every stage shares (no weights are read yet).
 
     Without a `mesh`, several processes (a multi-host slice) first join jax.distributed, then
-    the mesh spans every device of every process (config.mesh).
+    the mesh spans every device of every process (config.mesh). shapes_only=True reads no
+    weights, tokenizer or data and downloads nothing: `init_from` gives its shapes only
+    (ShapesOnly), enough for abstract parameters and compiling (mta_jax.compile).
     """
-    plugs = validate_config(config, training=training)
+    plugs = validate_config(config, training=training, data_files=not shapes_only)
     if mesh is None:
         sharding.maybe_initialize_distributed()
         mesh = sharding.make_mesh(config.mesh)
-    init_dir = resolve_init_from(config.init_from)
-    pretrained = Pretrained(init_dir) if init_dir else None
-    tokenizer = data_lib.get_tokenizer(config.data.tokenizer or init_dir)
-    # Before any model is sized from the tokenizer: a new start token (`<e>`) joins it here.
-    decoder_start = data_lib.train_decoder_start_id(tokenizer, config.data)
+    decoder_start = None  # shapes only: the start token does not change a shape
+    if shapes_only:
+        pretrained = ShapesOnly(config.init_from) if config.init_from else None
+        needs_vocab = pretrained is None and not config.model.vocab_size
+        tokenizer = data_lib.get_tokenizer(config.data.tokenizer) if needs_vocab else None
+    else:
+        init_dir = resolve_init_from(config.init_from)
+        pretrained = Pretrained(init_dir) if init_dir else None
+        tokenizer = data_lib.get_tokenizer(config.data.tokenizer or init_dir)
+        # Before any model is sized from the tokenizer: a new start token (`<e>`) joins it here.
+        decoder_start = data_lib.train_decoder_start_id(tokenizer, config.data)
     return Setup(config, plugs, tokenizer, pretrained, mesh, sharding.logical_rules(config.mesh),
                  decoder_start)
 
@@ -319,8 +356,8 @@ def abstract_params(model: t5_lib.T5, mesh, rules) -> tuple[Any, Any]:
 
 def _build_stage(setup: Setup, name: str) -> Stage:
     config = setup.config
-    model = t5_lib.T5(model_config(config, setup.plugs[name], len(setup.tokenizer),
-                                   setup.pretrained))
+    vocab = len(setup.tokenizer) if setup.tokenizer is not None else 0  # shapes only: unused
+    model = t5_lib.T5(model_config(config, setup.plugs[name], vocab, setup.pretrained))
     start, vocab = setup.train_decoder_start_id, model.config.vocab_size
     if start is not None and start >= vocab:  # the embedding is not resized for it
         _fail("data.train_decoder_start", f"a token or id below the model's vocabulary size "

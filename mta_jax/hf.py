@@ -130,6 +130,26 @@ def read_weights(folder: str) -> tuple[dict[str, np.ndarray | RemoteTensor], dic
 _REQUIRED = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
 
 
+# The shape-setting fields of the published checkpoints' config.json (Hugging Face hub), so
+# that a model can be built and compiled from its name alone, offline (`mta_jax.compile`).
+# Flan-T5 has T5 v1.1's shapes: gated-GELU FFN, a separate (untied) LM head.
+_V1_0 = dict(model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="relu")
+_V1_1 = dict(model_type="t5", vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu",
+             tie_word_embeddings=False)
+PUBLISHED_CONFIGS: dict[str, dict] = {
+    "t5-small": dict(_V1_0, d_model=512, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(_V1_0, d_model=768, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(_V1_0, d_model=1024, d_ff=4096, num_layers=24, num_heads=16),
+    "t5-3b": dict(_V1_0, d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
+    "google/flan-t5-small": dict(_V1_1, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "google/flan-t5-base": dict(_V1_1, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "google/flan-t5-large": dict(_V1_1, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "google/flan-t5-xl": dict(_V1_1, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+}
+PUBLISHED_CONFIGS.update({f"google-t5/{name}": PUBLISHED_CONFIGS[name]  # the hub's new names
+                          for name in ("t5-small", "t5-base", "t5-large", "t5-3b")})
+
+
 def read_config(folder: str, **overrides) -> t5_lib.T5Config:
     """T5Config from a raw Hugging Face config.json; `overrides` set dtype, ffn_plug, ..."""
     if not storage.path(folder).is_dir():
@@ -141,18 +161,18 @@ def read_config(folder: str, **overrides) -> t5_lib.T5Config:
         raw = storage.read_json(path)
     except json.JSONDecodeError as e:
         raise CheckpointFormatError(f"{path}: invalid JSON ({e})") from e
-    return config_from_hf(raw, path, **overrides)
+    return config_from_dict(raw, path, **overrides)
 
 
-def config_from_hf(raw: Mapping[str, Any], path: str, **overrides) -> t5_lib.T5Config:
-    """T5Config from the dict of a Hugging Face config.json (`path` names it in errors)."""
+def config_from_dict(raw: Mapping[str, Any], where: str, **overrides) -> t5_lib.T5Config:
+    """T5Config from the fields of a config.json (`where` names it in errors)."""
     if raw.get("model_type") != "t5":
         raise CheckpointFormatError(
-            f"{path}: model_type is {raw.get('model_type')!r}; only 't5' (T5 v1.0, v1.1, Flan-T5) "
+            f"{where}: model_type is {raw.get('model_type')!r}; only 't5' (T5 v1.0, v1.1, Flan-T5) "
             "is supported")
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
-        raise CheckpointFormatError(f"{path}: missing fields {missing}")
+        raise CheckpointFormatError(f"{where}: missing fields {missing}")
     tie = raw.get("tie_word_embeddings", True)
     scale = raw.get("scale_decoder_outputs", tie)
     fields = dict(
@@ -173,7 +193,7 @@ def config_from_hf(raw: Mapping[str, Any], path: str, **overrides) -> t5_lib.T5C
     try:
         return t5_lib.T5Config(**fields)
     except ValueError as e:
-        raise CheckpointFormatError(f"{path}: {e}") from e
+        raise CheckpointFormatError(f"{where}: {e}") from e
 
 
 def config_to_hf(config: t5_lib.T5Config) -> dict[str, Any]:

@@ -123,6 +123,17 @@ def make_train_step(model: t5_lib.T5, tx: optax.GradientTransformation, labels: 
     return step
 
 
+def dropout_key(seed: int, stage_index: int, impl: str = "threefry2x32") -> jax.Array:
+    """A stage's base dropout key (a typed key of `impl`); step i uses fold_in(key, i).
+
+    threefry2x32 draws the same masks on every platform; XLA lowers it to ~20 rounds of
+    integer ops per random word, which on TPU was most of a small model's compile time and
+    of its compiler-counted work (README, "Compile for TPU"). rbg / unsafe_rbg draw the bits
+    with XLA's RngBitGenerator (hardware RNG on TPU).
+    """
+    return jax.random.fold_in(jax.random.key(seed, impl=impl), stage_index)
+
+
 def state_donation(platform: Optional[str] = None) -> tuple[int, ...]:
     """`donate_argnums` of a train step (params, opt_state, batch, rng) on `platform`
     (default: JAX's default backend).

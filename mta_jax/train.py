@@ -124,7 +124,8 @@ class StageRun:
                                              grad_accum_steps=config.train.grad_accum_steps)
         evaluator = evaluation.Evaluator.for_config(config, stage.model, self.setup.tokenizer,
                                                     out_dir=self.dir, name=self.name)
-        base_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), build.STAGES.index(self.name))
+        base_rng = step_lib.dropout_key(config.seed, build.STAGES.index(self.name),
+                                        config.train.get("rng_impl", "threefry2x32"))
         num_steps = self.cfg.num_train_steps
         progress = train_log.Progress(num_steps, start, self.name, config.progress_bar)
         window = Window()

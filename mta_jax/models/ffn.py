@@ -48,12 +48,18 @@ class StackedFFN(nn.Module):
       num: how many FFNs are stacked; None for the plain dense FFN.
       kind: "ffn" (the backbone's shape) or "bottleneck" (width `width`, ReLU, zero `wo`).
       width: hidden width; None means config.d_ff.
+      activation_axes: logical axes of x's leading dims when stacked (e.g. ("adapter",
+        "batch", "length")): the hidden [E, b, l, width] and the output are constrained to
+        them, so they stay split along the batch under fsdp. Without it XLA's partitioner
+        gathered the whole batch of MTA's adapter activations on every chip (README,
+        "Compile for TPU").
     """
 
     config: "object"  # models.t5.T5Config (not imported: t5.py builds on this module)
     num: Optional[int] = None
     kind: str = "ffn"
     width: Optional[int] = None
+    activation_axes: Optional[tuple[str, ...]] = None
 
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool, select: Optional[Array] = None) -> Array:
@@ -88,13 +94,16 @@ class StackedFFN(nn.Module):
             spec_in, spec_out = "n...e,nef->n...f", "n...f,nfe->n...e"
         else:
             spec_in, spec_out = "ble,bkef->blkf", "blkf,bkfe->blke"
-        project = lambda name: jnp.einsum(spec_in, x, w_in(name))
+        axes = self.activation_axes if self.num is not None and select is None else None
+        keep = lambda y, last: y if axes is None else nn.with_logical_constraint(
+            y, tuple(axes) + (last,))
+        project = lambda name: keep(jnp.einsum(spec_in, x, w_in(name)), width_axis)
         if ffn and c.is_gated:
             h = c.activation(project("wi_0")) * project("wi_1")
         else:
             h = (c.activation if ffn else nn.relu)(project("wi"))
         h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
-        return jnp.einsum(spec_out, h, w_out)
+        return keep(jnp.einsum(spec_out, h, w_out), "embed")
 
 
 def dense_ffn_path(path: tuple) -> tuple:

@@ -217,6 +217,7 @@ class MTABlock(nn.Module):
         m = self.mta
         return ffn_lib.StackedFFN(self.config, num=num, kind=m.adapter_kind,
                                   width=None if m.adapter_kind == "ffn" else m.adapter_dim,
+                                  activation_axes=(ffn_lib.STACK_AXIS, "batch", "length"),
                                   name=name)
 
     def _task_adapters(self, x: Array, weights: Array, deterministic: bool) -> Array:

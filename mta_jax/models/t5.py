@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,13 +49,15 @@ def dtype_of(name: str) -> Any:
     return _DTYPES[name]
 
 
-class FfnContext(NamedTuple):
-    """Per-example information a plugged FFN may route on."""
+@struct.dataclass
+class FfnContext:
+    """Per-example information a plugged FFN may route on. A pytree whose `decode` is static:
+    a rematerialised block (config.remat) traces the arrays and still branches on `decode`."""
 
     task_ids: Optional[Array]  # int32[batch] or None
     route_hidden: Optional[Array]  # [batch, embed]: encoder output at position 0 (decoder only)
-    decode: bool  # a key/value cache is in use (being created, or stepped)
-    decode_index: Optional[Array]  # int32 scalar: the position being decoded; None unless stepping
+    decode: bool = struct.field(pytree_node=False)  # a key/value cache is in use
+    decode_index: Optional[Array] = None  # int32 scalar: the position being decoded, if stepping
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import flops as F
+from mta_jax import flops as F
 from benchmarks.workloads import random_params
 from mta_jax import decoding
 from mta_jax.errors import ConfigError
@@ -76,6 +76,7 @@ def test_mfu_uses_the_formula_and_the_device_peak():
     assert F.peak_flops_per_second("NVIDIA H100 80GB HBM3") == 989e12
     assert F.peak_flops_per_second("NVIDIA H100 PCIe") == 756e12
     assert F.peak_flops_per_second("cpu") is None
+    assert F.peak_flops_per_second("TPU v5 lite") == F.TPU_CHIPS["v5e"].peak_bf16 == 197e12
     # 63744 model FLOPs (the hand count above) in 1 us on a 100 GFLOP/s device: 63.744%.
     assert gpu.mfu(F.model_flops_per_step(HAND, B, S, T), 1e-6, 100e9) == pytest.approx(0.63744)
     assert gpu.mfu(63744, 1e-6, None) is None

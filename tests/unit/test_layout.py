@@ -14,11 +14,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS = [
     ["errors"],
     ["storage"],
-    ["task_types", "optim", "plots", "train_log", "models.ffn"],
+    ["task_types", "optim", "plots", "train_log", "models.ffn", "flops"],
     ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data", "artifact_format"],
     ["models.mta", "models.moe", "models.adapters", "hf", "decoding", "torch"],
     ["build", "step", "evaluation", "artifact"],
-    ["train", "predict"],
+    ["train", "predict", "compile"],
     ["main", "experiments.summary", "export"],
     ["experiments.compare"],
 ]

@@ -130,3 +130,29 @@ def test_adafactor_clipping_and_weight_decay_build_and_step(setup):
     new, _, metrics = step(params, state, batch, jax.random.PRNGKey(0))
     assert np.isfinite(float(metrics["grad_norm"]))
     assert not np.array_equal(np.asarray(new["shared"]["embedding"]), np.asarray(params["shared"]["embedding"]))
+
+
+def test_dropout_keys_of_each_impl_drive_the_step(setup):
+    """train.rng_impl: the default typed threefry key draws the same masks as the raw key
+    training used before; rbg draws others, the same ones for the same key."""
+    _, params, batch = setup
+    model = T5(CFG.replace(dropout_rate=0.5))
+    step, opt_state, _ = _step(model, params, ".*")
+    loss = lambda key: float(step(params, opt_state, batch, key)[2]["loss"])
+    raw = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(42), 1), 3)
+    fry = jax.random.fold_in(step_lib.dropout_key(42, 1), 3)
+    rbg = jax.random.fold_in(step_lib.dropout_key(42, 1, "rbg"), 3)
+    assert loss(fry) == loss(raw)
+    assert np.isfinite(loss(rbg)) and loss(rbg) == loss(rbg) != loss(fry)
+
+
+def test_rematerialised_mta_blocks_give_the_same_step(setup):
+    """model.remat with MTA blocks: the plug branches on the context's static `decode` inside
+    the rematerialised block (it was traced there, and tracing failed)."""
+    model, params, batch = setup
+    outs = []
+    for remat in (False, True):
+        step, opt_state, _ = _step(T5(CFG.replace(remat=remat)), params, ".*")
+        outs.append(step(params, opt_state, batch, jax.random.PRNGKey(0)))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

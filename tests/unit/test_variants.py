@@ -197,7 +197,7 @@ def test_task_moe_routes_by_task_id():
     plug = moe.TaskMoEConfig(task_types=("a", "b", "c"))
     module = moe.TaskMoE(TINY, plug)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 16))
-    ctx = CTX._replace(task_ids=jnp.array([2, 0, 2]))
+    ctx = CTX.replace(task_ids=jnp.array([2, 0, 2]))
     params = flax.linen.unbox(module.init(jax.random.PRNGKey(1), x, ctx, deterministic=True))["params"]
     y, state = module.apply({"params": params}, x, ctx, deterministic=True, mutable=["router"])
     w = {k: v[jnp.array([2, 0, 2])] for k, v in params["experts"].items()}

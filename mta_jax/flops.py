@@ -19,8 +19,12 @@ adapters and the gate network (read at the first position) in stage two.
 
 `model_flops_per_step` says the same with parameter counts (6 x parameters x tokens), the
 form MFU is usually quoted in; the unit test checks both against a count written out by hand.
+`TPU_CHIPS` holds the published per-chip figures (HBM, bf16 peak, HBM and ICI bandwidth) that
+`mta_jax.compile` sets a compiled step against; `peak_flops_per_second` reads TPUs from it.
 """
 from __future__ import annotations
+
+import dataclasses
 
 
 def _ffn(tokens: int, d: int, f: int, gated: bool) -> int:
@@ -143,16 +147,50 @@ def model_flops_per_step(config, batch: int, source_length: int, target_length: 
             + 6 * p["lm_head"] * B * T + 3 * attention + 3 * extras)
 
 
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip as JAX sees it (one device per chip; v4 and v5p as megacore)."""
+
+    name: str  # the --topology prefix: v4, v5e, v5p, v6e
+    device_kind: str  # jax Device.device_kind
+    hbm_bytes: int
+    peak_bf16: float  # dense bf16 FLOP/s
+    hbm_bandwidth: float  # bytes/s
+    ici_bandwidth: float  # bytes/s per chip, every link, both directions
+    megacore: bool  # two TensorCores compiled as one device
+    chips_per_host: tuple[int, int, int]
+
+
+# Google's published per-chip figures (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
+# Bandwidths in decimal GB/s as published; ICI is the "bidirectional inter-chip interconnect
+# bandwidth per chip". The v4 page gives no per-chip ICI figure: ours is an estimate,
+# 6 links x 2 directions x 50 GB/s (the v4 paper, Jouppi et al., ISCA 2023).
+TPU_CHIPS: dict[str, Chip] = {c.name: c for c in (
+    Chip("v4", "TPU v4", 32 * 2**30, 275e12, 1200e9, 600e9, True, (2, 2, 1)),
+    Chip("v5e", "TPU v5 lite", 16 * 2**30, 197e12, 819e9, 400e9, False, (2, 4, 1)),
+    Chip("v5p", "TPU v5", 95 * 2**30, 459e12, 2765e9, 1200e9, True, (2, 2, 1)),
+    Chip("v6e", "TPU v6 lite", 32 * 2**30, 918e12, 1638e9, 800e9, False, (2, 4, 1)),
+)}
+
+# GPU dense tensor-core peaks from the vendor datasheets; first match of the device kind wins.
+_GPU_PEAKS = (
+    ("h100 pcie", "bfloat16", 756e12), ("h100", "bfloat16", 989e12),  # SXM
+    ("h200", "bfloat16", 989e12), ("a100", "bfloat16", 312e12),
+    ("h100 pcie", "float32", 51e12), ("h100", "float32", 67e12),
+    ("h200", "float32", 67e12), ("a100", "float32", 19.5e12),
+)
+
+
 def peak_flops_per_second(device_kind: str, dtype: str = "bfloat16") -> float | None:
-    """Dense (no sparsity) peak of known accelerators; None when unknown (e.g. CPU)."""
-    table = (  # vendor datasheets, dense tensor-core throughput; first match wins
-        ("h100 pcie", "bfloat16", 756e12), ("h100", "bfloat16", 989e12),  # SXM
-        ("h200", "bfloat16", 989e12), ("a100", "bfloat16", 312e12),
-        ("h100 pcie", "float32", 51e12), ("h100", "float32", 67e12),
-        ("h200", "float32", 67e12), ("a100", "float32", 19.5e12),
-    )
+    """Dense (no sparsity) peak of known accelerators; None when unknown (e.g. CPU).
+
+    TPUs multiply float32 in bf16 passes at DEFAULT precision, so their bf16 peak serves both.
+    """
     kind = device_kind.lower()
-    for name, dt, value in table:
+    for chip in TPU_CHIPS.values():
+        if kind == chip.device_kind.lower():
+            return chip.peak_bf16
+    for name, dt, value in _GPU_PEAKS:
         if name in kind and dt == dtype:
             return value
     return None

@@ -1,0 +1,15 @@
+"""Flan-T5-XL (2.85B parameters, T5 v1.1 XL shapes) on the tfds mixture of t5_base.py.
+
+MTA in block 11 of each stack, as the T5-large recipe. Even split over a whole slice the
+parameters and Adam moments take 16 bytes each, so the recommended mesh is fsdp across the
+slice with rematerialised blocks (README, "Compile for a TPU slice").
+"""
+from configs import t5_base
+
+
+def get_config():
+    config = t5_base.get_config()
+    config.init_from = "google/flan-t5-xl"
+    config.model.remat = True
+    config.mesh.data, config.mesh.fsdp = 1, -1
+    return config

@@ -1,0 +1,499 @@
+"""Compile the real train and decode steps for a TPU slice on any host, before renting it.
+
+    python -m mta_jax.compile --config=configs/t5_large.py --topology=v5e:4x4 \
+        [--config.mesh.fsdp=-1 --config.mesh.data=1 ...] [--out=compile.json] [--nodecode]
+
+With libtpu installed (`pip install "jax[tpu]"`, part of the `test` extra) XLA compiles for a
+TPU topology it does not have: `jax.experimental.topologies` describes the slice's chips, the
+mesh of `config.mesh` is laid over them, and each stage's step is built exactly as training
+builds it (build.make_setup / setup.stage: model, optimizer, freezing labels, shardings;
+step.jit_train_step with the accelerator's donation; the batch split as shard_batch splits
+it; evaluation's decoder), from abstract values only: no weights, tokenizer or data are read,
+and `init_from` gives its shapes (a local folder's config.json, or the published configs of
+hf.PUBLISHED_CONFIGS, offline).
+
+Per stage it prints (and --out writes as JSON):
+  memory per device   parameters, optimizer state, other arguments, temporaries, against the
+                      chip's HBM (compiled.memory_analysis(); parameters and optimizer state
+                      from their shardings)
+  collectives         all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute
+                      in the compiled HLO: how many, and the bytes they carry per step
+  compiler cost       FLOPs and bytes accessed per device (compiled.cost_analysis())
+  roofline            three lower bounds on the step time: FLOPs / the chip's bf16 peak, bytes
+                      accessed / HBM bandwidth, collective traffic / ICI bandwidth. The step
+                      cannot be faster than the largest; the MFU that bound implies (model
+                      FLOPs of mta_jax.flops) is the most the step could reach. Estimates from
+                      published chip figures (flops.TPU_CHIPS), never measurements.
+A stage that does not fit exits 1 with one line: the stage, the bytes it needs, the HBM, and
+the mesh change (fsdp across the slice, remat, gradient accumulation) estimated to fit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mta_jax import build, cli, evaluation, flops, optim, sharding
+from mta_jax import step as step_lib
+from mta_jax.errors import ShardingError
+
+GiB = 2**30
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+# ----------------------------------------------------------------------------- the slice
+
+@contextlib.contextmanager
+def _libtpu_environment():
+    """libtpu reads these when it loads. Without them, on a host with no TPU it prints errors
+    about the worker hostnames and accelerator type, and takes a lock file that makes every
+    other JAX process on the host wait ~10 s for it; it opens no chip when only compiling."""
+    values = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
+              "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_SKIP_MDS_QUERY": "1"}
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: v for k, v in values.items() if saved[k] is None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+
+
+def topology(spec: str) -> tuple[flops.Chip, list]:
+    """'v5e:4x4' | 'v4:2x2x2' ... -> (the chip, the slice's compile-only devices, one per chip)."""
+    m = re.fullmatch(r"(\w+):(\d+(?:x\d+){1,2})", spec.strip())
+    chip = flops.TPU_CHIPS.get(m.group(1)) if m else None
+    if chip is None:
+        raise ShardingError(f"--topology={spec!r} must be <chip>:<AxB> or <chip>:<AxBxC> with "
+                            f"chip one of {', '.join(flops.TPU_CHIPS)}, e.g. v5e:4x4 or v4:2x2x2")
+    dims = [int(d) for d in m.group(2).split("x")] + [1]
+    per_host = tuple(min(d, h) for d, h in zip(dims, chip.chips_per_host))
+    try:
+        from jax.experimental import topologies
+        with _libtpu_environment():
+            desc = topologies.get_topology_desc(
+                platform="tpu", topology_name=f"{chip.name}:{m.group(2)}",
+                chip_config_name="megacore" if chip.megacore else "default",
+                chips_per_host_bounds=per_host)
+    except Exception as e:  # noqa: BLE001 -- libtpu missing, or a shape it does not make
+        hint = ' (install libtpu: pip install "jax[tpu]")' if "not installed" in str(e) else ""
+        raise ShardingError(f"--topology={spec!r}: {str(e).splitlines()[0]}{hint}") from e
+    return chip, list(desc.devices)
+
+
+# ----------------------------------------------------------------------------- abstract inputs
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """A training batch (the layout of mta_jax/data) as int32 shapes, split like shard_batch:
+    input_ids, attention_mask [B, S]; decoder_input_ids, labels, decoder_attention_mask [B, T];
+    task_ids [B]."""
+    b, s, t = (config.train.batch_size, config.data.max_source_length,
+               config.data.max_target_length)
+    sharding.check_batch_size(b, mesh)
+    split = sharding.batch_sharding(mesh)
+    shapes = dict(input_ids=(b, s), attention_mask=(b, s), decoder_input_ids=(b, t), labels=(b, t),
+                  decoder_attention_mask=(b, t), task_ids=(b,))
+    return {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=split) for k, v in shapes.items()}
+
+
+def _abstract_dropout_key(config, mesh) -> jax.ShapeDtypeStruct:
+    key = jax.eval_shape(lambda: step_lib.dropout_key(0, 0, config.train.rng_impl))
+    return jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs carrying NamedShardings."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def compile_train_step(setup: build.Setup, name: str):
+    """The stage's train step as training jits it (donation as on TPU), compiled for the mesh."""
+    stage, mesh, config = setup.stage(name), setup.mesh, setup.config
+    fn = step_lib.jit_train_step(stage, sharding.batch_sharding(mesh),
+                                 grad_accum_steps=config.train.grad_accum_steps, platform="tpu")
+    with sharding.mesh_context(mesh, setup.rules):
+        lowered = fn.lower(stage.abstract_params, stage.abstract_opt_state,
+                           abstract_batch(config, mesh), _abstract_dropout_key(config, mesh))
+    return lowered.compile()
+
+
+def compile_decoder(setup: build.Setup, name: str):
+    """Evaluation's decoder (config.eval) for the stage's model. Evaluation passes host
+    arrays, which jit places replicated beside the sharded parameters: so do these."""
+    stage, mesh, config = setup.stage(name), setup.mesh, setup.config
+    rows, s = config.eval.batch_size, config.data.max_source_length
+    rep = sharding.replicated(mesh)
+    inputs = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+              for shape in ((rows, s), (rows, s), (rows,))]
+    decoder = evaluation.make_decoder(stage.model, config.eval)
+    with sharding.mesh_context(mesh, setup.rules):
+        return decoder.lower(stage.abstract_params, *inputs).compile()
+
+
+# ----------------------------------------------------------------------------- the compiled HLO
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+                "c64": 8, "c128": 16}
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) +
+                 r")(-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+
+
+def _shape_bytes(type_text: str) -> list[int]:
+    """'(f32[8,128]{1,0}, bf16[4])' -> [4096, 8]: the bytes of each array in an HLO type."""
+    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
+            for dtype, dims in _SHAPE.findall(type_text) if dtype in _DTYPE_BYTES]
+
+
+def _group_size(line: str, num_devices: int) -> int:
+    """Devices per replica group of a collective's HLO line (all devices when not given)."""
+    mesh_form = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if mesh_form:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh_form.group(1)))
+        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh_form.group(2)))
+    iota_form = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)
+    if iota_form:
+        return int(iota_form.group(2))
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    return len(listed.group(1).split(",")) if listed else num_devices
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+    """{kind: {count, bytes, traffic}} of the collectives in a compiled module's text.
+
+    bytes: the arrays each collective produces on a device (of an asynchronous `-start` op,
+    whose result tuple also holds its operands and context, the largest array); traffic: what
+    a device sends for it on a ring of n devices: all-reduce 2(n-1)/n x bytes, all-gather and
+    all-to-all (n-1)/n x bytes, reduce-scatter (n-1) x its shard, collective-permute the bytes.
+    """
+    out = {k: {"count": 0, "bytes": 0.0, "traffic": 0.0} for k in COLLECTIVES}
+    seen = set()
+    for line in hlo_text.splitlines():
+        m = _OP.match(line)
+        if not m:
+            continue
+        type_text, kind, is_async = m.groups()
+        # XLA TPU carries one asynchronous collective through several fused computations,
+        # each holding a copy of it with the same channel: count it once.
+        channel = re.search(r"channel_id=(\d+)", line)
+        if channel:
+            if (kind, channel.group(1)) in seen:
+                continue
+            seen.add((kind, channel.group(1)))
+        sizes = _shape_bytes(type_text)
+        nbytes = float(max(sizes) if is_async and kind != "all-reduce" else sum(sizes))
+        n = _group_size(line, num_devices)
+        share = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
+                 "all-to-all": (n - 1) / n, "reduce-scatter": n - 1,
+                 "collective-permute": 1.0}[kind]
+        entry = out[kind]
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+        entry["traffic"] += nbytes * share if n > 1 or kind == "collective-permute" else 0.0
+    return out
+
+
+def _cost(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list before jax 0.4.30
+    # Never "optimal_seconds": for a whole train step it came out negative.
+    return {"flops": float(cost.get("flops", 0.0)),
+            "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    fields = dict(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes,
+                  aliased=m.alias_size_in_bytes, temporaries=m.temp_size_in_bytes,
+                  code=m.generated_code_size_in_bytes)
+    fields["total"] = (fields["arguments"] + fields["outputs"] - fields["aliased"]
+                       + fields["temporaries"] + fields["code"])
+    return {k: int(v) for k, v in fields.items()}
+
+
+# ----------------------------------------------------------------------------- one stage
+
+def roofline(cost: dict, traffic: float, chip: flops.Chip, model_flops_per_device: float) -> dict:
+    """Lower bounds on the step time (s) and the MFU the largest of them would imply."""
+    bounds = {"compute_s": cost["flops"] / chip.peak_bf16,
+              "hbm_s": cost["bytes_accessed"] / chip.hbm_bandwidth,
+              "ici_s": traffic / chip.ici_bandwidth}
+    bound = max(bounds, key=bounds.get)
+    step_s = bounds[bound]
+    mfu = model_flops_per_device / (step_s * chip.peak_bf16) if step_s > 0 else None
+    return {**bounds, "step_s": step_s, "bound": bound[:-2], "mfu": mfu}
+
+
+class _Clock:
+    """Wall and CPU seconds (this process, every thread) since it was made: on a shared host
+    the CPU seconds say what a compile costs, the wall seconds what it took."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict[str, float]:
+        return {"compile_s": time.perf_counter() - self.wall,
+                "compile_cpu_s": time.process_time() - self.cpu}
+
+
+def _save_hlo(hlo_dir: Optional[str], filename: str, text: str) -> None:
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, filename), "w") as f:
+            f.write(text)
+
+
+def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int,
+                 hlo_dir: Optional[str] = None) -> dict:
+    """Compiles one stage's train step and reads memory, collectives, cost and roofline."""
+    stage, mesh, config = setup.stage(name), setup.mesh, setup.config
+    counts = optim.count_params(stage.abstract_params, stage.labels)
+    report = {"stage": name, "kind": "train step",
+              "parameters": counts[optim.TRAINABLE] + counts[optim.FROZEN],
+              "trainable_parameters": counts[optim.TRAINABLE]}
+    state = {"parameters": bytes_per_device(stage.abstract_params),
+             "optimizer_state": bytes_per_device(stage.abstract_opt_state)}
+    clock = _Clock()
+    if sum(state.values()) > hbm_bytes:  # no program can fit: do not spend the compile
+        return _unfit(report, clock, state, sum(state.values()),
+                      "not compiled: parameters and optimizer state alone exceed the HBM")
+    try:
+        compiled = compile_train_step(setup, name)
+    except Exception as e:  # noqa: BLE001 -- XLA refuses a program over the chip's HBM
+        used = _xla_out_of_memory(str(e), sum(state.values()))
+        if used is None:
+            raise
+        return _unfit(report, clock, state, used, str(e).splitlines()[0][:300])
+    report.update(clock.read())
+    hlo = compiled.as_text()
+    _save_hlo(hlo_dir, f"{name}_train.hlo", hlo)
+    memory = {**_memory(compiled), **state}
+    memory["other_arguments"] = memory["arguments"] - sum(state.values())
+    comms = collectives(hlo, mesh.devices.size)
+    cost = _cost(compiled)
+    b, s, t = (config.train.batch_size, config.data.max_source_length,
+               config.data.max_target_length)
+    model_flops = flops.model_flops_per_step(stage.model.config, b, s, t)
+    report.update(memory=memory, fits=memory["total"] <= hbm_bytes, collectives=comms,
+                  cost=cost, model_flops=model_flops,
+                  roofline=roofline(cost, sum(c["traffic"] for c in comms.values()), chip,
+                                    model_flops / mesh.devices.size))
+    return report
+
+
+def _unfit(report: dict, clock: "_Clock", state: dict, total: int, note: str) -> dict:
+    """A train step known not to fit without its compiled program: what it needs at least."""
+    report.update(clock.read(), fits=False, note=note, memory=dict(
+        state, total=total, temporaries=max(total - sum(state.values()), 0)))
+    return report
+
+
+def _xla_out_of_memory(message: str, state_bytes: int) -> Optional[int]:
+    """The bytes a step needs from XLA's refusal to compile it for the chip, or None when
+    `message` is another error. XLA TPU words it "... Used 18.9G of 15.7G hbm ..." (the
+    whole program) or "... memory required for HLO temporaries (18.37G) exceeds available
+    HBM (15.75G)" (temporaries: the arguments come on top)."""
+    size = r"([\d.]+)([KMGT]?)(?:i?B)?"
+    to_bytes = lambda m, i: int(float(m.group(i)) * 1024 ** " KMGT".index(m.group(i + 1) or " "))
+    whole = re.search(rf"Used {size} of {size} hbm", message)
+    if whole:
+        return to_bytes(whole, 1)
+    temps = re.search(rf"HLO temporaries \({size}\) exceeds available HBM", message)
+    return to_bytes(temps, 1) + state_bytes if temps else None
+
+
+def decode_report(setup: build.Setup, name: str, hbm_bytes: int,
+                  hlo_dir: Optional[str] = None) -> dict:
+    """Compiles evaluation's decoder of one stage: memory and the collectives in its program
+    (those inside the search loop run once per generated position)."""
+    clock = _Clock()
+    compiled = compile_decoder(setup, name)
+    hlo = compiled.as_text()
+    _save_hlo(hlo_dir, f"{name}_decode.hlo", hlo)
+    memory = _memory(compiled)
+    memory["parameters"] = bytes_per_device(setup.stage(name).abstract_params)
+    return {"stage": name, "kind": "decode", **clock.read(), "memory": memory,
+            "fits": memory["total"] <= hbm_bytes,
+            "collectives": collectives(hlo, setup.mesh.devices.size)}
+
+
+# ----------------------------------------------------------------------------- not fitting
+
+def _mesh_flags(mesh) -> str:
+    return " x ".join(f"{a}={s}" for a, s in mesh.shape.items())
+
+
+def fitting_change(config, mesh, report: dict, hbm_bytes: int) -> str:
+    """The config change estimated to bring a train step under `hbm_bytes`: fsdp across the
+    slice (parameters and optimizer state split over every data-parallel device), then remat,
+    then gradient accumulation (both cut activation temporaries). An estimate to compile."""
+    m = report["memory"]
+    state = m["parameters"] + m["optimizer_state"]
+    other = m["total"] - state - m["temporaries"]
+    data = int(mesh.shape["data"])
+    flags_, estimate = [], state
+    if data > 1:  # the data-parallel replicas become fsdp shards
+        flags_.append("--config.mesh.data=1 --config.mesh.fsdp=-1")
+        estimate = state // data
+    room = hbm_bytes - estimate - other
+    temps = m["temporaries"]
+    if temps > room and not config.model.remat:
+        flags_.append("--config.model.remat=True")
+        temps = temps // 2  # a block's activations are recomputed: roughly half stay
+    if temps > room > 0:
+        accum = config.train.grad_accum_steps * math.ceil(temps / room)
+        flags_.append(f"--config.train.grad_accum_steps={accum}")
+        temps = temps * config.train.grad_accum_steps // accum
+    if room <= 0:
+        return ("no mesh change fits the parameters and optimizer state alone: a chip with more "
+                "HBM, or a larger slice")
+    need = (estimate + other + temps) / GiB
+    return " ".join(flags_) + f" (estimated {need:.1f} GiB per device; compile it to check)"
+
+
+def check_fits(result: dict) -> None:
+    """ShardingError (one line) for the first step that does not fit the chip's HBM."""
+    hbm = result["hbm_bytes"]
+    for report in result["steps"]:
+        if report["fits"]:
+            continue
+        m = report["memory"]
+        parts = ", ".join(f"{k.replace('_', ' ')} {m[k] / GiB:.2f}" for k in
+                          ("parameters", "optimizer_state", "temporaries") if k in m)
+        advice = (report.get("fitting_change") or
+                  "a smaller config.eval.batch_size or beam_size")
+        raise ShardingError(
+            f"{report['stage']} {report['kind']} needs {m['total'] / GiB:.2f} GiB per device "
+            f"({parts} GiB) but a {result['chip']['name']} chip has {hbm / GiB:.2f} GiB of HBM "
+            f"(mesh {result['mesh']}); try {advice}")
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def compile_config(config: ml_collections.ConfigDict, topology_spec: str, *, decode: bool = True,
+                   hbm_gib: Optional[float] = None, hlo_dir: Optional[str] = None,
+                   log=print) -> dict:
+    """Compiles every stage of `config` (and, with `decode`, evaluation's decoder) for the
+    slice; returns everything as a JSON-able dict. `hbm_gib` replaces the chip's HBM;
+    `hlo_dir` receives each compiled program's text (<stage>_train.hlo, <stage>_decode.hlo)."""
+    chip, devices = topology(topology_spec)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    setup = build.make_setup(config, training=True, mesh=mesh, shapes_only=True)
+    hbm = int(hbm_gib * GiB) if hbm_gib else chip.hbm_bytes
+    source = setup.pretrained.source if setup.pretrained else "config.model (random init)"
+    result = {"topology": topology_spec, "chip": dataclasses.asdict(chip), "hbm_bytes": hbm,
+              "devices": len(devices), "mesh": _mesh_flags(mesh), "shapes_from": source,
+              "batch": {"batch_size": config.train.batch_size,
+                        "source_length": config.data.max_source_length,
+                        "target_length": config.data.max_target_length,
+                        "grad_accum_steps": config.train.grad_accum_steps},
+              "dtype": config.model.dtype, "remat": config.model.remat,
+              "rng_impl": config.train.rng_impl, "steps": []}
+    log(_header(result, chip))
+    for name in config.stages:
+        report = train_report(setup, name, chip, hbm, hlo_dir)
+        if not report["fits"]:
+            report["fitting_change"] = fitting_change(config, mesh, report, hbm)
+        result["steps"].append(report)
+        log(_describe(report, hbm))
+    if decode:
+        for name in config.stages:
+            report = decode_report(setup, name, hbm, hlo_dir)
+            result["steps"].append(report)
+            log(_describe(report, hbm))
+    return result
+
+
+def _header(result: dict, chip: flops.Chip) -> str:
+    b = result["batch"]
+    return (f"{result['topology']}: {result['devices']} x {chip.device_kind} "
+            f"({result['hbm_bytes'] / GiB:.1f} GiB HBM, {chip.peak_bf16 / 1e12:.0f} TFLOP/s bf16, "
+            f"HBM {chip.hbm_bandwidth / 1e9:.0f} GB/s, ICI {chip.ici_bandwidth / 1e9:.0f} GB/s)\n"
+            f"mesh {result['mesh']}; batch {b['batch_size']} x {b['source_length']}/"
+            f"{b['target_length']} tokens; {result['dtype']} compute, remat {result['remat']}, "
+            f"dropout keys {result['rng_impl']}\nmodel shapes from {result['shapes_from']}")
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _describe(report: dict, hbm: int) -> str:
+    """A few lines per compiled step; every time is a roofline lower bound."""
+    m = report["memory"]
+    lines = [f"{report['stage']} {report['kind']} (compiled in {report['compile_s']:.0f} s, "
+             f"{report['compile_cpu_s']:.0f} CPU s)"]
+    if "trainable_parameters" in report:
+        lines[0] += (f": {report['parameters'] / 1e6:.1f}M parameters, "
+                     f"{report['trainable_parameters'] / 1e6:.1f}M trained")
+    parts = [f"{k.replace('_', ' ')} {_size(m[k])}" for k in
+             ("parameters", "optimizer_state", "other_arguments", "temporaries") if k in m]
+    lines.append(f"  memory/device  {', '.join(parts)} -> {_size(m['total'])} of {_size(hbm)} "
+                 f"({'fits' if report['fits'] else 'DOES NOT FIT'})")
+    if "note" in report:  # not compiled, or XLA stopped: over the real chip's HBM
+        lines.append(f"  compiler       {report['note']}")
+    else:
+        comms = [f"{k} {c['count']} ({_size(c['bytes'])})"
+                 for k, c in report["collectives"].items() if c["count"]]
+        lines.append(f"  collectives    {', '.join(comms) or 'none'}")
+    if "cost" in report:
+        c, r = report["cost"], report["roofline"]
+        lines.append(f"  compiler       {c['flops'] / 1e12:.4g} TFLOP, "
+                     f"{c['bytes_accessed'] / 1e9:.4g} GB accessed per device")
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
+        lines.append(f"  roofline       lower bounds: compute {1e3 * r['compute_s']:.3g} ms, "
+                     f"HBM {1e3 * r['hbm_s']:.3g} ms, ICI {1e3 * r['ici_s']:.3g} ms -> step >= "
+                     f"{1e3 * r['step_s']:.3g} ms ({r['bound']}-bound), MFU <= {mfu} "
+                     f"(estimates, not measurements)")
+    if report.get("fitting_change"):
+        lines.append(f"  to fit         {report['fitting_change']}")
+    return "\n".join(lines)
+
+
+def main(argv) -> int:
+    from absl import flags
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {argv[1:]}")
+    # Compile only: never claim a local accelerator (a TPU VM may be training already).
+    jax.config.update("jax_platforms", "cpu")
+    cli.quiet_libraries()
+    with cli.one_line_errors():
+        result = compile_config(FLAGS.config, FLAGS.topology, decode=FLAGS.decode,
+                                hbm_gib=FLAGS.hbm_gib, hlo_dir=FLAGS.hlo_dir)
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(result, f, indent=1)
+        check_fits(result)
+    return 0
+
+
+def run():
+    from absl import app, flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", None, "TPU slice: v5e:2x4, v5e:4x8, v4:2x2x1, v5p:2x2x2, ...")
+    flags.DEFINE_string("out", None, "Also write everything as JSON here.")
+    flags.DEFINE_bool("decode", True, "Also compile evaluation's decoder of each stage.")
+    flags.DEFINE_float("hbm_gib", None, "HBM per chip to check against (default: the chip's).")
+    flags.DEFINE_string("hlo_dir", None, "Also write each compiled program's HLO text here.")
+    flags.mark_flags_as_required(["config", "topology"])
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

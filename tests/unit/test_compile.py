@@ -1,0 +1,234 @@
+"""`mta_jax.compile`: the real train steps of a tiny model compiled for a TPU v5e 2x2 slice by
+libtpu on the CPU host (no TPU needed), the HLO collective count, the offline shapes of the
+published checkpoints, and the one-line error of a step that does not fit."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mta_jax import build, optim, sharding
+from mta_jax import compile as C
+from mta_jax.errors import ConfigError, ShardingError
+from tests.integration import tiny
+
+pytest.importorskip("libtpu")  # the `test` extra installs it (jax[tpu])
+
+ROOT = tiny.ROOT
+TOPOLOGY = "v5e:2x2"
+# Parameters outweigh activations (a 32768-token vocabulary on d_model 32, 16/8 tokens), so
+# sharding them moves the per-device total; the batch of 4 splits over the 4 chips.
+SHAPE = {"model.vocab_size": 32768, "train.batch_size": 4, "data.max_source_length": 16,
+         "data.max_target_length": 8}
+
+
+def _compile(decode=False, hbm_gib=None, hlo_dir=None, **changes):
+    config = tiny.tiny_config(**SHAPE, **changes)
+    return C.compile_config(config, TOPOLOGY, decode=decode, hbm_gib=hbm_gib, hlo_dir=hlo_dir,
+                            log=lambda _: None)
+
+
+def _step(result, stage, kind="train step"):
+    return next(r for r in result["steps"] if r["stage"] == stage and r["kind"] == kind)
+
+
+@pytest.fixture(scope="module")
+def data_parallel():
+    return _compile(decode=True)
+
+
+@pytest.fixture(scope="module")
+def fsdp_hlo(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hlo"))
+
+
+@pytest.fixture(scope="module")
+def fsdp(fsdp_hlo):
+    return _compile(hlo_dir=fsdp_hlo, **{"mesh.data": 1, "mesh.fsdp": 4})
+
+
+def test_both_stages_and_the_decoder_compile_for_the_slice(data_parallel):
+    assert data_parallel["devices"] == 4 and data_parallel["mesh"] == "data=4 x fsdp=1 x tensor=1"
+    assert data_parallel["chip"]["name"] == "v5e"
+    assert [(r["stage"], r["kind"]) for r in data_parallel["steps"]] == [
+        ("stage1", "train step"), ("stage2", "train step"), ("stage1", "decode"),
+        ("stage2", "decode")]
+    for report in data_parallel["steps"]:
+        m = report["memory"]
+        assert report["fits"] and m["total"] >= m["arguments"] >= m["parameters"] > 0
+    for stage in ("stage1", "stage2"):
+        r = _step(data_parallel, stage)
+        assert r["cost"]["flops"] > 0 and r["cost"]["bytes_accessed"] > 0
+        # Replicated parameters: each chip holds all of them (float32).
+        assert r["memory"]["parameters"] == 4 * r["parameters"]
+        # Data parallelism: the gradients are all-reduced, nothing else moves.
+        comms = r["collectives"]
+        assert comms["all-reduce"]["count"] >= 1 and comms["all-reduce"]["traffic"] > 0
+        assert comms["all-gather"]["count"] == comms["reduce-scatter"]["count"] == 0
+        roof = r["roofline"]
+        assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"], roof["ici_s"]) > 0
+        assert 0 < roof["mfu"] < 1
+
+
+def test_stage_two_keeps_optimizer_state_for_its_trainable_leaves_only(data_parallel):
+    one, two = _step(data_parallel, "stage1"), _step(data_parallel, "stage2")
+    assert two["trainable_parameters"] < two["parameters"]
+    # Adam: two float32 moments per trained parameter (+ step counters), none for frozen ones.
+    for r in (one, two):
+        assert r["memory"]["optimizer_state"] == pytest.approx(8 * r["trainable_parameters"],
+                                                               abs=64)
+    assert two["cost"]["flops"] < one["cost"]["flops"]  # no frozen weight gradients
+
+
+def test_fsdp_divides_parameter_and_optimizer_bytes_by_its_size(data_parallel, fsdp):
+    assert fsdp["mesh"] == "data=1 x fsdp=4 x tensor=1"
+    for stage in ("stage1", "stage2"):
+        dp, split = _step(data_parallel, stage)["memory"], _step(fsdp, stage)["memory"]
+        assert split["parameters"] == pytest.approx(dp["parameters"] / 4, rel=0.1)
+        assert split["optimizer_state"] == pytest.approx(dp["optimizer_state"] / 4, rel=0.1)
+        # The sharded parameters are gathered for the forward pass, and the gradients
+        # reduce-scattered back to their shards.
+        comms = _step(fsdp, stage)["collectives"]
+        assert comms["all-gather"]["count"] > 0
+
+
+def test_fsdp_keeps_mta_adapter_activations_split_along_the_batch(fsdp, fsdp_hlo):
+    """Under fsdp the collectives of MTA's task adapters gather their weights [E, d, f]; XLA
+    had gathered and all-reduced the adapters' activations [E, b, l, f] across the batch."""
+    found = []
+    for stage in ("stage1", "stage2"):
+        with open(os.path.join(fsdp_hlo, f"{stage}_train.hlo")) as f:
+            for line in f:
+                m = C._OP.match(line)
+                if m and "mta._task_adapters" in line:
+                    found.append((m.group(2), m.group(1).split("{")[0]))
+    assert found and all(kind == "all-gather" for kind, _ in found), found
+    assert all(shape.startswith(("bf16[5,", "f32[5,")) and shape.count(",") == 2
+               for _, shape in found), found
+
+
+def _between(data_parallel, fsdp) -> float:
+    """An HBM (GiB) that stage one's step fits under fsdp but not with replicated parameters,
+    though they and their optimizer state alone would fit (so the step is compiled)."""
+    dp = _step(data_parallel, "stage1")["memory"]
+    hbm = 1.02 * max(_step(fsdp, "stage1")["memory"]["total"],
+                     dp["parameters"] + dp["optimizer_state"])
+    assert hbm < dp["total"]
+    return hbm / C.GiB
+
+
+def test_a_step_that_does_not_fit_names_stage_bytes_hbm_and_a_fsdp_mesh_that_fits(
+        data_parallel, fsdp):
+    hbm_gib = _between(data_parallel, fsdp)
+    result = _compile(hbm_gib=hbm_gib, stages=("stage1",))
+    report = _step(result, "stage1")
+    assert not report["fits"] and "note" not in report  # compiled, then found too large
+    with pytest.raises(ShardingError) as e:
+        C.check_fits(result)
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith(f"stage1 train step needs {report['memory']['total'] / C.GiB:.2f} "
+                              "GiB per device")
+    assert f"has {hbm_gib:.2f} GiB of HBM" in message
+    assert "try --config.mesh.data=1 --config.mesh.fsdp=-1 (estimated" in message
+    # The suggestion, compiled (the `fsdp` fixture is that mesh), fits the same HBM.
+    assert _step(fsdp, "stage1")["memory"]["total"] <= hbm_gib * C.GiB
+
+
+def test_parameters_and_optimizer_state_over_the_hbm_skip_the_compile(data_parallel):
+    dp = _step(data_parallel, "stage1")["memory"]
+    hbm_gib = 0.9 * (dp["parameters"] + dp["optimizer_state"]) / C.GiB
+    result = _compile(hbm_gib=hbm_gib, stages=("stage1",))
+    report = _step(result, "stage1")
+    assert report["note"].startswith("not compiled") and report["compile_cpu_s"] < 5
+    with pytest.raises(ShardingError, match="stage1 train step needs .* try --config.mesh.data=1"):
+        C.check_fits(result)
+
+
+def test_collectives_are_read_from_hlo_text():
+    hlo = "\n".join([
+        "  %all-reduce.1 = f32[512,64]{0,1:T(8,128)} all-reduce(%f), channel_id=2, "
+        "replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, to_apply=%add",
+        # the same collective again, inside another fused computation: counted once
+        "  %all-reduce.9 = f32[512,64]{0,1} all-reduce(%g), channel_id=2, "
+        "replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, to_apply=%add",
+        "  %ag = (bf16[8,16]{1,0}, bf16[32,16]{1,0}) all-gather-start(%p), replica_groups=[2,4]<=[8]",
+        "  %all-gather-done = bf16[32,16]{1,0} all-gather-done(%ag)",
+        "  %rs = f32[4]{0} reduce-scatter(%g), replica_groups={{0,1},{2,3},{4,5},{6,7}}",
+        "  ROOT %t = (f32[], s32[2]) all-reduce(%a, %b), replica_groups={}",
+    ])
+    out = C.collectives(hlo, num_devices=8)
+    ar, ag, rs = out["all-reduce"], out["all-gather"], out["reduce-scatter"]
+    assert ar["count"] == 2 and ar["bytes"] == 512 * 64 * 4 + 4 + 8
+    assert ar["traffic"] == 2 * 3 / 4 * 512 * 64 * 4 + 2 * 7 / 8 * 12  # groups of 4, then all 8
+    assert ag["count"] == 1 and ag["bytes"] == 32 * 16 * 2 and ag["traffic"] == 3 / 4 * 1024
+    assert rs["count"] == 1 and rs["bytes"] == 16 and rs["traffic"] == 16
+    assert out["all-to-all"]["count"] == out["collective-permute"]["count"] == 0
+
+
+def test_an_unknown_topology_is_one_line():
+    with pytest.raises(ShardingError, match=r"--topology='v9:2x2' must be <chip>:<AxB> or "
+                                            r"<chip>:<AxBxC> with chip one of v4, v5e, v5p, v6e"):
+        C.topology("v9:2x2")
+
+
+@pytest.mark.parametrize("name, count", [("t5-small", 60_506_624),
+                                         ("google/flan-t5-small", 76_961_152),
+                                         ("google/flan-t5-xl", 2_849_757_184)])
+def test_published_shapes_build_offline_with_the_hub_parameter_counts(name, count):
+    config = tiny.tiny_config(init_from=name, variant="dense", stages=("stage1",))
+    config.mta.enabled = False
+    setup = build.make_setup(config, mesh=sharding.make_mesh(config.mesh, jax.devices()[:1]),
+                             shapes_only=True)
+    assert setup.tokenizer is None and name in setup.pretrained.source
+    params = setup.stage("stage1").abstract_params
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == count
+
+
+def test_a_local_folder_gives_its_config_json(tmp_path):
+    from tests.helpers import make_hf_t5
+    make_hf_t5(str(tmp_path), shape="v1_1_old")
+    os.remove(tmp_path / "model.safetensors")  # the shapes need no weights
+    shapes = build.ShapesOnly(str(tmp_path))
+    assert shapes.source == str(tmp_path / "config.json")
+    config = shapes.model_config()
+    assert config.num_decoder_layers == 1 and config.is_gated and not config.tie_word_embeddings
+
+
+def test_unknown_names_and_rng_impls_are_config_errors():
+    with pytest.raises(ConfigError, match="config.init_from='t5-tiny' is neither a local folder"):
+        build.ShapesOnly("t5-tiny")
+    with pytest.raises(ConfigError, match="config.train.rng_impl must be one of threefry2x32, "
+                                          "rbg, unsafe_rbg; got 'philox'"):
+        build.validate_config(tiny.tiny_config(**{"train.rng_impl": "philox"}))
+
+
+@pytest.mark.slow
+def test_cli_exits_1_with_one_error_line_and_writes_the_json(tmp_path, data_parallel, fsdp):
+    hbm_gib = _between(data_parallel, fsdp)
+    out = tmp_path / "compile.json"
+    args = [sys.executable, "-m", "mta_jax.compile", "--config=configs/demo.py",
+            f"--topology={TOPOLOGY}", "--nodecode", f"--hbm_gib={hbm_gib}", f"--out={out}",
+            "--config.stages=('stage1',)"]
+    args += [f"--config.{k}={v}" for k, v in {**tiny.OVERRIDES, **SHAPE}.items()]
+    proc = subprocess.run(args, cwd=ROOT, env=tiny.env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "stage1 train step needs" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "stage1 train step" in proc.stdout and "DOES NOT FIT" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["steps"][0]["fits"] is False and result["hbm_bytes"] < result["chip"]["hbm_bytes"]
+
+
+def test_xla_refusing_a_program_over_the_hbm_gives_the_bytes_it_needs():
+    oom = C._xla_out_of_memory
+    assert oom("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (18.37G) exceeds available HBM (15.75G).", 10) == int(18.37 * 2**30) + 10
+    assert oom("Ran out of memory in memory space hbm. Used 18.93G of 15.75G hbm.", 10) == \
+        int(18.93 * 2**30)
+    assert oom("INTERNAL: something else", 10) is None
