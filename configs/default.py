@@ -90,6 +90,8 @@ def get_config():
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 4  # global batch, examples per optimizer step
     config.train.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
+    # Resume with a data iterator started over (e.g. after changing the batch size or host count)
+    config.train.reset_data_iterator = False
 
     e = config.eval = ml_collections.ConfigDict()
     e.batch_size = 16  # examples per decoding batch

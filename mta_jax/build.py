@@ -287,7 +287,13 @@ def model_config(config, plug: Optional[t5_lib.FfnPlug], vocab_size: int,
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                   dropout_rate=m.dropout_rate, ffn_plug=plug)
     if pretrained is not None:
-        return pretrained.model_config(**common)
+        t5 = pretrained.model_config(**common)
+        if vocab_size > t5.vocab_size:  # ids past the embedding would be clamped silently
+            raise ConfigError(
+                f"config.data.tokenizer has {vocab_size} tokens but the model of "
+                f"config.init_from={config.init_from!r} has vocab_size {t5.vocab_size}; use a "
+                "tokenizer of at most that many tokens (the folder's own: data.tokenizer='')")
+        return t5
     vocab = m.vocab_size or int(math.ceil(vocab_size / 128) * 128)
     if vocab < vocab_size:
         _fail("model.vocab_size", f">= the tokenizer's size {vocab_size}", m.vocab_size)

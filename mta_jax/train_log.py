@@ -18,15 +18,20 @@ class MetricWriter:
     """metrics.jsonl + TensorBoard event files (tensorboardX: no TensorFlow)."""
 
     def __init__(self, directory: str, enabled: bool = True):
+        self.directory = directory
         self.path = os.path.join(directory, "metrics.jsonl")
         self.enabled = enabled
-        self._tb = None
-        if enabled:
+        self._tb = None  # opened at the first row: a launch that writes none leaves no file
+
+    def _tensorboard(self):
+        if self._tb is None:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(directory, flush_secs=30)
+                self._tb = SummaryWriter(self.directory, flush_secs=30)
             except ImportError:  # TensorBoard is optional; metrics.jsonl is not.
                 logging.warning("tensorboardX is not installed: no TensorBoard event files")
+                self._tb = False
+        return self._tb
 
     def write(self, step: int, row: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -37,15 +42,16 @@ class MetricWriter:
             clean[k] = v.item() if v.ndim == 0 else [round(float(x), 6) for x in v.ravel()]
         with open(self.path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb:
             for k, v in clean.items():
                 if k == "step":
                     continue
                 if isinstance(v, list):
                     for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/{i}", x, step)
+                        tb.add_scalar(f"{k}/{i}", x, step)
                 elif isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+                    tb.add_scalar(k, v, step)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows a crashed run wrote after its last checkpoint."""
@@ -57,7 +63,7 @@ class MetricWriter:
             f.writelines(rows)
 
     def close(self) -> None:
-        if self._tb is not None:
+        if self._tb:
             self._tb.close()
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, ClassVar, NamedTuple, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,13 +49,17 @@ def dtype_of(name: str) -> Any:
     return _DTYPES[name]
 
 
-class FfnContext(NamedTuple):
-    """Per-example information a plugged FFN may route on."""
+@flax.struct.dataclass
+class FfnContext:
+    """Per-example information a plugged FFN may route on.
+
+    `decode` is static (not a pytree leaf): under nn.remat, which traces every array argument
+    of a block, plugs still branch on it in Python."""
 
     task_ids: Optional[Array]  # int32[batch] or None
     route_hidden: Optional[Array]  # [batch, embed]: encoder output at position 0 (decoder only)
-    decode: bool  # a key/value cache is in use (being created, or stepped)
-    decode_index: Optional[Array]  # int32 scalar: the position being decoded; None unless stepping
+    decode: bool = flax.struct.field(pytree_node=False)  # a key/value cache is in use
+    decode_index: Optional[Array] = None  # int32 scalar: the position being decoded, when stepping
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """The MTA block: released initialisation, equivalences, top-k, gradients, conversion, errors."""
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -171,11 +172,54 @@ def test_every_mta_parameter_lives_under_an_mta_module():
     assert extra and all("mta" in k for k in extra)
 
 
-def test_start_token_selector_routes_without_task_ids_and_sows_aux_loss():
+def test_start_token_selector_routes_on_the_first_position_not_on_task_ids():
     model, params = _model(selector="start_token")
     ids, dec, task_ids = _inputs()
-    logits = model.apply({"params": params}, ids, dec)  # no task ids needed
+    sel = params["encoder"]["layers_1"]["ffn"]["mta"]["selector"]
+    # A read-out that matters: large weights, so that routing follows the hidden state.
+    sel["kernel"] = jnp.asarray(np.random.default_rng(3).standard_normal(sel["kernel"].shape),
+                                jnp.float32)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):  # the inputs of the block and its selector
+        if context.method_name == "__call__" and isinstance(
+                context.module, (M.TaskWeightSelector, M.MTABlock)):
+            selector = isinstance(context.module, M.TaskWeightSelector)
+            seen.append((context.module.path, args[1] if selector else args[0]))
+        return next_fun(*args, **kwargs)
+
+    def routing(ids, task_ids):
+        with nn.intercept_methods(record):
+            logits, state = model.apply({"params": params}, ids, dec, task_ids=task_ids,
+                                        mutable=["router"])
+        flat = flax.traverse_util.flatten_dict(state["router"])
+        return logits, {k[:2]: v[0] for k, v in flat.items() if k[-1] == "selector_weights"}
+
+    logits, weights = routing(ids, None)  # no task ids needed
     assert logits.shape == (4, 6, 64)
+    # The weights are Softmax-T of the read-out of the block's input at position 0.
+    encoder_hidden = dict(seen)[("encoder", "layers_1", "ffn", "mta", "selector")]
+    block_input = dict(seen)[("encoder", "layers_1", "ffn", "mta")]  # [b, length, embed]
+    np.testing.assert_array_equal(encoder_hidden, block_input[:, 0])
+    np.testing.assert_allclose(
+        weights[("encoder", "layers_1")],
+        jax.nn.softmax((encoder_hidden @ sel["kernel"] + sel["bias"]) / 0.1), rtol=1e-5, atol=1e-6)
+    assert np.ptp(np.asarray(weights[("encoder", "layers_1")]), axis=0).max() > 0.1
+    # Task ids change nothing but the auxiliary loss.
+    other_logits, other = routing(ids, (task_ids + 1) % 5)
+    np.testing.assert_array_equal(other_logits, logits)
+    for k in weights:
+        np.testing.assert_array_equal(other[k], weights[k])
+    # A different first token changes that example's routing, only that example's.
+    changed = ids.at[2, 0].set((ids[2, 0] + 7) % 64)
+    _, moved = routing(changed, None)
+    delta = np.abs(np.asarray(moved[("encoder", "layers_1")] - weights[("encoder", "layers_1")]))
+    assert delta[2].max() > 1e-3 and delta[[0, 1, 3]].max() == 0.0
+
+
+def test_start_token_selector_sows_its_task_loss():
+    model, params = _model(selector="start_token")
+    ids, dec, task_ids = _inputs()
     _, state = model.apply({"params": params}, ids, dec, task_ids=task_ids, mutable=["router"])
     flat = flax.traverse_util.flatten_dict(state["router"])
     aux = [v[0] for k, v in flat.items() if k[-1] == "selector_task_loss"]

@@ -33,10 +33,9 @@ def test_every_variant_builds_and_keeps_shapes(variant):
     assert tuple(config.stages) == (("stage1", "stage2") if variant == "mta" else ("stage1",))
     plug = build.ffn_plug(config, "stage1")
     assert (plug is None) == (variant == "dense")
-    if variant.startswith("mta"):  # the MTA block itself is tested in test_mta.py
+    if variant.startswith("mta"):  # the MTA block's arithmetic is tested in test_mta.py
         assert isinstance(plug, mta.MTAConfig) and plug.top_k is None
         assert variant == "mta_stage1" or build.ffn_plug(config, "stage2").top_k == 2
-        return
     model = T5(TINY.replace(ffn_plug=plug))
     params = init_params(model, batch=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, 64, (3, 7)))
@@ -45,7 +44,8 @@ def test_every_variant_builds_and_keeps_shapes(variant):
                                 mutable=["router", "losses"])
     assert logits.shape == (3, 5, 64) and bool(jnp.all(jnp.isfinite(logits)))
     paths = _flat(params)
-    name = {"shared_adapter": "shared_adapter", "switch_moe": "moe", "task_moe": "moe"}.get(variant)
+    name = {"shared_adapter": "shared_adapter", "switch_moe": "moe", "task_moe": "moe",
+            "mta_stage1": "mta", "mta": "mta"}.get(variant)
     plugged = [p for p in paths if name and f"/{name}/" in p]
     # One plugged block per stack (the last), nowhere else.
     assert {p.split("/")[0] + "/" + p.split("/")[1] for p in plugged} == (
@@ -54,6 +54,14 @@ def test_every_variant_builds_and_keeps_shapes(variant):
         e = 5
         assert paths["encoder/layers_1/ffn/moe/experts/wi_0"].shape == (e, 16, 24)
         assert "encoder/layers_1/ffn/mlp/wi_0" not in paths  # the experts replace the FFN
+    if variant.startswith("mta"):
+        # Stage one: five FFN copies replace the FFN, mixed by the task's selector row.
+        assert paths["encoder/layers_1/ffn/mta/adapters/wi_0"].shape == (5, 16, 24)
+        assert paths["decoder/layers_1/ffn/mta/selector/logits"].shape == (5, 5)
+        assert "encoder/layers_1/ffn/mlp/wi_0" not in paths
+        weights = _flat(state["router"])["encoder/layers_1/ffn/mta/adapter_weights"][0]
+        np.testing.assert_allclose(weights, jax.nn.softmax(
+            paths["encoder/layers_1/ffn/mta/selector/logits"][np.array([0, 1, 3])] / 0.1), rtol=1e-6)
     if variant == "shared_adapter":
         assert paths["decoder/layers_1/ffn/shared_adapter/adapter/wi"].shape == (1, 16, 384)
         assert "decoder/layers_1/ffn/mlp/wo" in paths  # the adapter joins the FFN
@@ -197,7 +205,7 @@ def test_task_moe_routes_by_task_id():
     plug = moe.TaskMoEConfig(task_types=("a", "b", "c"))
     module = moe.TaskMoE(TINY, plug)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 16))
-    ctx = CTX._replace(task_ids=jnp.array([2, 0, 2]))
+    ctx = CTX.replace(task_ids=jnp.array([2, 0, 2]))
     params = flax.linen.unbox(module.init(jax.random.PRNGKey(1), x, ctx, deterministic=True))["params"]
     y, state = module.apply({"params": params}, x, ctx, deterministic=True, mutable=["router"])
     w = {k: v[jnp.array([2, 0, 2])] for k, v in params["experts"].items()}
