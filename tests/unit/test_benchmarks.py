@@ -18,6 +18,7 @@ from mta_jax import decoding
 from mta_jax.errors import ConfigError
 from mta_jax.models import mta as M
 from mta_jax.models.t5 import T5, T5Config
+from tests.helpers import TORCH_REASON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -184,7 +185,9 @@ EXPECTED_ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_harness_writes_every_row(tmp_path):
+    pytest.importorskip("torch", reason=TORCH_REASON)  # the PyTorch rows
     out = tmp_path / "results.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
