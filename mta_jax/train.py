@@ -67,13 +67,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     setup = build.make_setup(config)
     check_relaunch(config, workdir)
     os.makedirs(workdir, exist_ok=True)
-    written = []
 
-    def write_config():
-        if not written and jax.process_index() == 0:
+    def write_config():  # as a stage starts training
+        if jax.process_index() == 0:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
-        written.append(True)
 
     stop_requested = {"flag": False}
 

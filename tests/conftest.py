@@ -4,6 +4,10 @@ import os
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile hundreds of tiny programs: unoptimised LLVM code compiles in half the time
+# (the same HLO and results). The runs the tests start in subprocesses get the default flags.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
+                                   "--xla_llvm_disable_expensive_passes=true")
 
 from tests.helpers import HF_SHAPES  # noqa: E402  (after JAX_PLATFORMS)
 

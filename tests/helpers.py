@@ -9,6 +9,7 @@
     assert_trees_equal(a, b), assert_trees_close(a, b)
                           every leaf of two pytrees, same structure, bitwise / within tolerance
 """
+import functools
 import json
 import os
 
@@ -26,7 +27,14 @@ TINY_T5 = t5_lib.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers
 
 
 def init_params(model: t5_lib.T5, seed: int = 0, batch: int = 4) -> dict:
-    """The model's random parameters as numpy arrays (no logical-axis boxes)."""
+    """The model's random parameters as numpy arrays (no logical-axis boxes); a fresh copy
+    each call (initialisation compiles once per config, seed and batch)."""
+    return jax.tree.map(np.copy, _init_params(model.config, seed, batch))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_params(config: t5_lib.T5Config, seed: int, batch: int) -> dict:
+    model = t5_lib.T5(config)
     boxed = jax.jit(lambda: t5_lib.init_params(model, jax.random.PRNGKey(seed), batch=batch))()
     return jax.tree.map(np.asarray, flax.linen.unbox(boxed))
 

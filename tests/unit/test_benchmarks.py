@@ -82,6 +82,7 @@ def test_mfu_uses_the_formula_and_the_device_peak():
     assert gpu.mfu(63744, 1e-6, None) is None
 
 
+@pytest.mark.slow  # trains two steps of each model, profiled
 def test_gpu_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu.py end to end at the micro size: both rows, the formula's FLOPs, no MFU
     on a device without a known peak."""

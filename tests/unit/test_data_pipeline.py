@@ -304,6 +304,7 @@ print("SAME", all((a == b).all() for a, b in zip(expected, got)),
 """
 
 
+@pytest.mark.slow  # grain worker processes, in a subprocess
 def test_worker_processes_give_the_same_resumable_stream():
     import subprocess
     import sys

@@ -51,8 +51,8 @@ def test_ffn_copies_equal_plain_t5_whatever_the_weights(tmp_path):
             sel["logits"] = jax.random.normal(jax.random.PRNGKey(i), sel["logits"].shape)
     ids, dec, task_ids = _inputs()
     ids = ids % 96
-    a = mta.apply({"params": p1}, ids, dec, task_ids=task_ids)
-    b = plain.apply({"params": p0}, ids, dec)
+    a = jax.jit(lambda p: mta.apply({"params": p}, ids, dec, task_ids=task_ids))(p1)
+    b = jax.jit(lambda p: plain.apply({"params": p}, ids, dec))(p0)
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
 
 
@@ -64,8 +64,9 @@ def test_bottleneck_adapters_start_as_exact_noop(tmp_path):
     assert p1["decoder"]["layers_0"]["ffn"]["mta"]["adapters"]["wo"].shape == (5, 6, 32)
     assert "mlp" in p1["decoder"]["layers_0"]["ffn"]  # the pretrained FFN stays
     ids, dec, task_ids = _inputs()
-    np.testing.assert_array_equal(mta.apply({"params": p1}, ids, dec, task_ids=task_ids),
-                                  plain.apply({"params": p0}, ids, dec))
+    np.testing.assert_array_equal(
+        jax.jit(lambda p: mta.apply({"params": p}, ids, dec, task_ids=task_ids))(p1),
+        jax.jit(lambda p: plain.apply({"params": p}, ids, dec))(p0))
 
 
 def _loop_reference(x, p, weights, act, gated):
@@ -137,7 +138,7 @@ def test_gradients_reach_only_selected_adapters():
     def loss(p):
         return jnp.sum(model.apply({"params": p}, ids, dec, task_ids=task_ids) ** 2)
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for stack in ("encoder", "decoder"):
         g = grads[stack]["layers_1"]["ffn"]["mta"]["adapters"]
         for name in ("wi_0", "wi_1", "wo"):
@@ -161,7 +162,8 @@ def test_stage_one_to_stage_two_keeps_leaves_bitwise():
     np.testing.assert_allclose(shared[0], f1[("encoder", "layers_1", "ffn", "mta", "adapters", "wo")].mean(0),
                                rtol=1e-6)
     ids, dec, task_ids = _inputs()
-    assert np.isfinite(np.asarray(model2.apply({"params": p2}, ids, dec, task_ids=task_ids))).all()
+    logits = jax.jit(lambda p: model2.apply({"params": p}, ids, dec, task_ids=task_ids))(p2)
+    assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_every_mta_parameter_lives_under_an_mta_module():

@@ -40,8 +40,8 @@ def test_every_variant_builds_and_keeps_shapes(variant):
     params = init_params(model, batch=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, 64, (3, 7)))
     dec = ids[:, :5]
-    logits, state = model.apply({"params": params}, ids, dec, task_ids=jnp.array([0, 1, 3]),
-                                mutable=["router", "losses"])
+    logits, state = jax.jit(lambda p: model.apply(
+        {"params": p}, ids, dec, task_ids=jnp.array([0, 1, 3]), mutable=["router", "losses"]))(params)
     assert logits.shape == (3, 5, 64) and bool(jnp.all(jnp.isfinite(logits)))
     paths = _flat(params)
     name = {"shared_adapter": "shared_adapter", "switch_moe": "moe", "task_moe": "moe",
@@ -116,8 +116,9 @@ def test_shared_adapter_starts_as_the_plain_ffn():
     backbone = flax.traverse_util.unflatten_dict(
         {k: v for k, v in flax.traverse_util.flatten_dict(params).items() if "shared_adapter" not in k})
     ids = jnp.asarray(np.random.default_rng(1).integers(2, 64, (2, 6)))
-    np.testing.assert_allclose(model.apply({"params": params}, ids, ids),
-                               plain.apply({"params": backbone}, ids, ids), atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda p: model.apply({"params": p}, ids, ids))(params),
+                               jax.jit(lambda p: plain.apply({"params": p}, ids, ids))(backbone),
+                               atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- Switch
