@@ -97,6 +97,8 @@ def get_config():
     # Dropout keys: "threefry2x32" (the same masks on every platform) | "rbg" | "unsafe_rbg"
     # (XLA's RngBitGenerator: on TPU far cheaper to compile and run; README "Compile for TPU")
     config.train.rng_impl = "threefry2x32"
+    # Resume with a data iterator started over (e.g. after changing the batch size or host count)
+    config.train.reset_data_iterator = False
 
     e = config.eval = ml_collections.ConfigDict()
     e.batch_size = 16  # examples per decoding batch

@@ -29,7 +29,7 @@ import functools
 import math
 import os
 import re
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -235,8 +235,8 @@ class ShapesOnly:
     Nothing is downloaded; `source` says where the shapes came from."""
 
     def __init__(self, name: str):
-        if os.path.isdir(name):
-            self.source = os.path.join(name, hf.CONFIG_FILE)
+        if storage.path(name).is_dir():
+            self.source = str(storage.path(name) / hf.CONFIG_FILE)
             self._config = lambda **overrides: hf.read_config(name, **overrides)
         elif name in hf.PUBLISHED_CONFIGS:
             self.source = f"the published config.json of {name} (mta_jax/hf.py)"
@@ -332,7 +332,13 @@ def model_config(config, plug: Optional[t5_lib.FfnPlug], vocab_size: int,
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
                   dropout_rate=m.dropout_rate, ffn_plug=plug)
     if pretrained is not None:
-        return pretrained.model_config(**common)
+        t5 = pretrained.model_config(**common)
+        if vocab_size > t5.vocab_size:  # ids past the embedding would be clamped silently
+            raise ConfigError(
+                f"config.data.tokenizer has {vocab_size} tokens but the model of "
+                f"config.init_from={config.init_from!r} has vocab_size {t5.vocab_size}; use a "
+                "tokenizer of at most that many tokens (the folder's own: data.tokenizer='')")
+        return t5
     vocab = m.vocab_size or int(math.ceil(vocab_size / 128) * 128)
     if vocab < vocab_size:
         _fail("model.vocab_size", f">= the tokenizer's size {vocab_size}", m.vocab_size)

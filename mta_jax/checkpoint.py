@@ -93,8 +93,9 @@ class Checkpointer:
         self.directory = storage.absolute(directory)
         self.keep_best_metric = keep_best_metric
         policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
-        best_fn = None
-        if keep_best_metric is not None:
+        if keep_best_metric is None:
+            best_fn = None
+        else:
             def best_fn(metrics):
                 value = (metrics or {}).get(keep_best_metric)
                 return -math.inf if value is None else float(value)

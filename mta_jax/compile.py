@@ -31,19 +31,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mta_jax import build, cli, evaluation, flops, optim, sharding
+from mta_jax import build, cli, evaluation, flops, optim, sharding, storage
 from mta_jax import step as step_lib
 from mta_jax.errors import ShardingError
 
@@ -251,9 +250,7 @@ class _Clock:
 
 def _save_hlo(hlo_dir: Optional[str], filename: str, text: str) -> None:
     if hlo_dir:
-        os.makedirs(hlo_dir, exist_ok=True)
-        with open(os.path.join(hlo_dir, filename), "w") as f:
-            f.write(text)
+        storage.write_text(storage.makedirs(hlo_dir) / filename, text)
 
 
 def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int,
@@ -475,8 +472,7 @@ def main(argv) -> int:
         result = compile_config(FLAGS.config, FLAGS.topology, decode=FLAGS.decode,
                                 hbm_gib=FLAGS.hbm_gib, hlo_dir=FLAGS.hlo_dir)
         if FLAGS.out:
-            with open(FLAGS.out, "w") as f:
-                json.dump(result, f, indent=1)
+            storage.write_json(FLAGS.out, result, indent=1)
         check_fits(result)
     return 0
 

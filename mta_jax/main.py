@@ -7,7 +7,7 @@ same command resumes.
 """
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mta_jax import cli
@@ -20,13 +20,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_libraries()
     from mta_jax import train
-    from mta_jax.errors import TrainingError
+    from mta_jax.errors import TrainingError, UserError
     try:
         with cli.one_line_errors():
+            if len(argv) > 1:
+                raise UserError(f"unexpected arguments: {argv[1:]}")
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.Preempted:
         logging.warning("preempted: checkpoint saved; rerun the same command to resume")
@@ -38,8 +38,7 @@ def main(argv):
 
 
 def run():
-    # A bad --config file or override is a user error too: absl prints it without a traceback.
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)  # a bad flag, config file or override is one line `error: ...` too
 
 
 if __name__ == "__main__":

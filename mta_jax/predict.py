@@ -13,12 +13,13 @@ tokenizer is the backbone folder's unless the run used the byte tokenizer.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, NamedTuple, Optional
 
 import jax
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mta_jax import artifact, build, evaluation, scoring, storage
 from mta_jax import artifact_format as fmt
@@ -26,7 +27,7 @@ from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
 from mta_jax import cli
 from mta_jax.data import tokenize
-from mta_jax.errors import CheckpointError, ConfigError
+from mta_jax.errors import CheckpointError, ConfigError, UserError
 
 flags.DEFINE_string("workdir", None, "A training workdir (holds config.json and <stage>/checkpoints).")
 flags.DEFINE_string("stage", None, "stage1 | stage2 (default: the last stage of the run).")
@@ -56,12 +57,19 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def _stage_of(config: ml_collections.ConfigDict, stage: Optional[str]) -> str:
+    """--stage, checked against the run's stages (default: its last stage)."""
+    stages = tuple(config.stages)
+    stage = stage or stages[-1]
+    if stage not in stages:
+        raise ConfigError(f"--stage must be one of this run's stages {stages}; got {stage!r}")
+    return stage
+
+
 def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = None):
     """-> (setup, stage, params, step) of a trained run (build.Setup, build.Stage)."""
     config = load_config(workdir)
-    stage = stage or tuple(config.stages)[-1]
-    if stage not in build.STAGES:
-        raise ConfigError(f"--stage must be one of {build.STAGES}; got {stage!r}")
+    stage = _stage_of(config, stage)
     ckpt_dir = storage.path(workdir) / stage / "checkpoints"
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{ckpt_dir}: no checkpoint of {stage} in this workdir")
@@ -71,6 +79,9 @@ def load_model(workdir: str, stage: Optional[str] = None, step: Optional[int] = 
                                keep_best_metric="eval/score") as ck:
         if not ck.all_steps():
             raise CheckpointError(f"{ckpt_dir}: holds no checkpoint")
+        if step is not None and step not in ck.all_steps():
+            raise CheckpointError(f"--step {step}: no checkpoint of that step in {ckpt_dir}; "
+                                  f"steps there: {ck.all_steps()}")
         step = step if step is not None else (ck.best_step() or None)
         step, params = ck.restore_params(step, params_target=built.abstract_params)
     logging.info("predicting with %s step %d", stage, step)
@@ -116,6 +127,30 @@ def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[i
                      setup.task_types, build.reads_task_type(setup.config))
 
 
+def _input_spec(source: str, from_artifact: bool, stage: Optional[str]):
+    """-> (task types, whether routing reads a line's type, config.data.on_bad_row), from the
+    run's config.json or the artifact's mta_config.json alone."""
+    if from_artifact:
+        meta = fmt.read_meta(source)
+        on_bad_row = meta["data"].get("on_bad_row", data_lib.get_data_config().on_bad_row)
+        return tuple(meta["task_types"]), meta["plug"]["selector"] != "start_token", on_bad_row
+    config = load_config(source)
+    _stage_of(config, stage)
+    return tuple(config.mta.task_types), build.reads_task_type(config), config.data.on_bad_row
+
+
+def _check_output(path: str) -> None:
+    """--output: a file name in an existing folder (gs://: a bucket that exists)."""
+    if storage.is_remote(path):
+        storage.makedirs(storage.path(path).parent)  # a missing bucket is one line
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--output {path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"--output {path} is a folder; give a file name")
+
+
 def predict_file(source: str, input_path: str, output_path: str, *, stage: Optional[str] = None,
                  step: Optional[int] = None, batch_size: Optional[int] = None,
                  backbone: Optional[str] = None, accept_other_backbone: bool = False,
@@ -123,18 +158,23 @@ def predict_file(source: str, input_path: str, output_path: str, *, stage: Optio
     """Writes predictions for every line of `input_path`; returns scores when targets exist.
 
     source: a training workdir or an adapter artifact folder (load_predictor); decode:
-    config.eval fields to change (decode, beam_size, max_decode_length, ...).
+    config.eval fields to change (decode, beam_size, max_decode_length, ...). The stage, the
+    output path and every input line are checked before any weight is read.
     """
-    storage.makedirs(storage.path(output_path).parent)  # a missing bucket fails before decoding
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1; got {batch_size}")
+    from_artifact = artifact_only or fmt.is_artifact(source)
+    task_types, reads_task_type, on_bad_row = _input_spec(source, from_artifact, stage)
+    _check_output(output_path)
+    # In start_token mode routing reads the [START] token, so a line may omit its type.
+    default_type = None if reads_task_type else task_types[0]
+    examples, report = data_lib.read_jsonl(input_path, task_types=task_types,
+                                           on_bad_row=on_bad_row,
+                                           default_type=default_type, split="predict")
     p = load_predictor(source, stage=stage, step=step, backbone=backbone,
-                       accept_other_backbone=accept_other_backbone, artifact_only=artifact_only)
+                       accept_other_backbone=accept_other_backbone, artifact_only=from_artifact)
     eval_cfg = ml_collections.ConfigDict(p.eval.to_dict())
     eval_cfg.update({k: v for k, v in (decode or {}).items() if v is not None})
-    # In start_token mode routing reads the [START] token, so a line may omit its type.
-    default_type = None if p.reads_task_type else p.task_types[0]
-    examples, report = data_lib.read_jsonl(input_path, task_types=p.task_types,
-                                           on_bad_row=p.data.on_bad_row,
-                                           default_type=default_type, split="predict")
     tokenized = tokenize.tokenize_with_config(examples, p.tokenizer, p.data, p.task_types, report,
                                               inference=True)
     eval_set = data_lib.EvalSet(examples, tokenized, report)
@@ -176,4 +216,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -18,6 +18,7 @@ stage trains is built by build.py; the step itself is step.py.
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -31,19 +32,46 @@ from absl import logging
 from mta_jax import build, evaluation, optim, plots, sharding, storage, step as step_lib, train_log
 from mta_jax import checkpoint as ckpt_lib
 from mta_jax import data as data_lib
-from mta_jax.errors import TrainingError
+from mta_jax.errors import ConfigError, DataError, TrainingError
 
 
 class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run should exit 0."""
 
 
+# The fields that decide what a stage's checkpoints hold: the shapes of its parameters and of
+# its optimizer state. A relaunch on a workdir with checkpoints of a stage must keep the model
+# fields and that stage's fields; everything else (steps, learning rate, schedule, evaluation,
+# logging, dropout, dtype, data) may change between launches. A data change the saved input
+# iterator cannot follow is named when the stage resumes (config.train.reset_data_iterator).
+MODEL_FIELDS = (
+    "init_from", "variant", "model.vocab_size", "model.d_model", "model.d_kv", "model.d_ff",
+    "model.num_layers", "model.num_decoder_layers", "model.num_heads", "model.feed_forward_proj",
+    "model.tie_word_embeddings", "model.relative_attention_num_buckets", "model.param_dtype",
+    "mta.enabled", "mta.num_adapters", "mta.adapter_kind", "mta.adapter_dim",
+    "mta.encoder_layers", "mta.decoder_layers", "mta.selector", "mta.task_types",
+    "moe.num_experts", "moe.adapter_dim", "data.tokenizer")
+STAGE_FIELDS = {
+    "stage1": ("stage1.optimizer", "stage1.trainable"),
+    "stage2": ("stage2.optimizer", "stage2.trainable", "mta.num_shared_adapters",
+               "mta.gate_hidden_dim"),
+}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs config.stages in order under workdir; returns per-stage statistics."""
-    root = storage.makedirs(workdir)
+    """Runs config.stages in order under workdir; returns per-stage statistics.
+
+    `<workdir>/config.json` is written when a stage starts training, so a launch refused on
+    the way (a different model, data the saved iterator cannot follow, a bad checkpoint)
+    leaves the workdir as it was.
+    """
     setup = build.make_setup(config)
-    if jax.process_index() == 0:  # shared files: one writer; every process saves checkpoints
-        storage.write_text(root / "config.json", config.to_json_best_effort(indent=2))
+    check_relaunch(config, workdir)
+    root = storage.makedirs(workdir)
+
+    def write_config():  # as a stage starts training
+        if jax.process_index() == 0:  # shared files: one writer; every process saves checkpoints
+            storage.write_text(root / "config.json", config.to_json_best_effort(indent=2))
 
     stop_requested = {"flag": False}
 
@@ -54,19 +82,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = {}
     try:
         for name in config.stages:
-            results[name] = StageRun(setup, name, workdir, lambda: stop_requested["flag"]).run()
+            results[name] = StageRun(setup, name, workdir, lambda: stop_requested["flag"],
+                                     before_training=write_config).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
     if jax.process_index() == 0:
-        storage.write_json(root / "summary.json", results, indent=2, default=float)
+        path = root / "summary.json"
+        if path.exists():  # a launch of fewer stages keeps the others' entries
+            results = {**storage.read_json(path), **results}
+        storage.write_json(path, results, indent=2, default=float)
     return results
+
+
+def _field(config, path: str) -> Any:
+    """config['a.b'] as plain JSON values (tuples as lists); None where the field is absent."""
+    node = config
+    for part in path.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return json.loads(json.dumps(node, default=str))
+
+
+def _has_checkpoint(directory) -> bool:
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def check_relaunch(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses (ConfigError) a launch whose model differs from the checkpoints in `workdir`:
+    MODEL_FIELDS, and STAGE_FIELDS of every stage with a checkpoint, must be as saved."""
+    root = storage.path(workdir)
+    path = root / "config.json"
+    trained = [s for s in build.STAGES if _has_checkpoint(root / s / "checkpoints")]
+    if not trained or not path.exists():
+        return
+    saved = storage.read_json(path)
+    fields = MODEL_FIELDS + tuple(f for s in trained for f in STAGE_FIELDS[s])
+    differ = [f"{f} {_field(saved, f)!r} -> {_field(config, f)!r}" for f in fields
+              if _field(saved, f) is not None and _field(saved, f) != _field(config, f)]
+    if differ:
+        raise ConfigError(
+            f"{workdir} holds checkpoints of a different model ({', '.join(trained)}): "
+            f"{'; '.join(differ)}. Relaunch with the values in {path}, or use a new --workdir")
 
 
 class StageRun:
     """One stage of one run: data, checkpoints, metrics, evaluation around the train step."""
 
-    def __init__(self, setup: build.Setup, name: str, workdir: str, stop: Callable[[], bool]):
+    def __init__(self, setup: build.Setup, name: str, workdir: str, stop: Callable[[], bool],
+                 before_training: Callable[[], None] = lambda: None):
         self.setup, self.name, self.workdir, self.stop = setup, name, workdir, stop
+        self.before_training = before_training
         self.stage = setup.stage(name)
         self.cfg = setup.config[name]
         self.dir = storage.makedirs(storage.path(workdir) / name)
@@ -79,6 +145,7 @@ class StageRun:
                                           keep_best_metric="eval/score")
         self.writer = train_log.MetricWriter(self.dir, enabled=jax.process_index() == 0)
         self.params = self.opt_state = None
+        self.saved_scores: dict[str, float] = {}  # the restored step's evaluation, if any
 
     def run(self) -> dict[str, Any]:
         try:
@@ -94,7 +161,8 @@ class StageRun:
                          optim.tree_bytes(self.stage.abstract_params) / 2**20)
             if start >= self.cfg.num_train_steps:
                 logging.info("%s: already finished (step %d)", self.name, start)
-                return stats
+                return {**stats, **self.saved_scores}
+            self.before_training()
             stats.update(self._train(start))
         finally:
             self.ckpt.close()
@@ -109,7 +177,9 @@ class StageRun:
             restored = self.ckpt.restore(params_target=stage.abstract_params,
                                          opt_state_target=stage.abstract_opt_state)
             self.params, self.opt_state = restored.params, restored.opt_state
-            self.pipeline.iterator.set_state(restored.data_state)
+            self.saved_scores = {k: v for k, v in restored.extra.items() if k.startswith("eval/")}
+            if restored.step < self.cfg.num_train_steps:  # a finished stage reads no more data
+                self._resume_data(restored)
             self.writer.truncate_after(restored.step)
             logging.info("%s: resumed from step %d", self.name, restored.step)
             return restored.step
@@ -117,6 +187,20 @@ class StageRun:
         self.params = build.initial_params(self.setup, stage, self.workdir)
         self.opt_state = jax.jit(stage.tx.init, out_shardings=stage.opt_shardings)(self.params)
         return 0
+
+    def _resume_data(self, restored: ckpt_lib.Restored) -> None:
+        """The input iterator continues where the checkpoint's left off, or starts over."""
+        if self.setup.config.train.get("reset_data_iterator", False):
+            logging.warning("%s: config.train.reset_data_iterator: the data iterator starts "
+                            "over at step %d", self.name, restored.step)
+            return
+        try:
+            self.pipeline.iterator.set_state(restored.data_state)
+        except DataError as e:
+            raise DataError(
+                f"{self.name}: cannot resume {self.ckpt.directory}/{restored.step}: {e}. Start a "
+                "new --workdir, or add --config.train.reset_data_iterator=True to restart the "
+                "data iterator from the beginning of the data") from None
 
     def _train(self, start: int) -> dict[str, float]:
         config, stage, mesh = self.setup.config, self.stage, self.setup.mesh

@@ -24,22 +24,28 @@ class MetricWriter:
     there the writer keeps the rows and rewrites the whole object at most every `flush_secs`
     and on `flush()`, which the training loop calls before each checkpoint save, so the only
     rows a crash can lose come after the last checkpoint: the rows a resume drops anyway
-    (`truncate_after`).
+    (`truncate_after`). TensorBoard's event file is opened at the first row, so a launch that
+    writes none leaves no file.
     """
 
     def __init__(self, directory: str, enabled: bool = True, flush_secs: float = 30.0):
+        self.directory = str(directory)
         self.path = storage.path(directory) / "metrics.jsonl"
         self.enabled, self.flush_secs = enabled, flush_secs
         self._remote = storage.is_remote(self.path)
         self._lines: Optional[list[str]] = None  # remote: the object's rows, written on flush
         self._unflushed, self._flushed_at = False, time.monotonic()
-        self._tb = None
-        if enabled:
+        self._tb = None  # None: not opened yet; False: tensorboardX is missing
+
+    def _tensorboard(self):
+        if self._tb is None:
             try:
                 from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(str(directory), flush_secs=30)
+                self._tb = SummaryWriter(self.directory, flush_secs=30)
             except ImportError as e:  # TensorBoard is optional; metrics.jsonl is not.
                 logging.warning("no TensorBoard event files: %s", e)
+                self._tb = False
+        return self._tb
 
     def write(self, step: int, row: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -57,15 +63,16 @@ class MetricWriter:
         else:
             with self.path.open("a") as f:
                 f.write(line)
-        if self._tb is not None:
+        tb = self._tensorboard()
+        if tb:
             for k, v in clean.items():
                 if k == "step":
                     continue
                 if isinstance(v, list):
                     for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/{i}", x, step)
+                        tb.add_scalar(f"{k}/{i}", x, step)
                 elif isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+                    tb.add_scalar(k, v, step)
 
     def flush(self) -> None:
         """Makes every row written so far durable (a no-op for a local file)."""
@@ -87,7 +94,7 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.flush()
-        if self._tb is not None:
+        if self._tb:
             self._tb.close()
 
     def _rows(self) -> list[str]:

@@ -4,8 +4,12 @@
     init_params(model)    its random parameters, unboxed numpy arrays
     random_inputs(...)    input ids, decoder ids and task ids for a forward pass
     HF_TINY, HF_SHAPES    the three Hugging Face folder shapes a user can have
-    make_hf_t5(folder)    a tiny random T5ForConditionalGeneration saved there (needs torch)
+    make_hf_t5(folder)    a tiny random T5ForConditionalGeneration saved there (needs torch;
+                          skips the test without it)
+    assert_trees_equal(a, b), assert_trees_close(a, b)
+                          every leaf of two pytrees, same structure, bitwise / within tolerance
 """
+import functools
 import json
 import os
 
@@ -13,6 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mta_jax.models import t5 as t5_lib
 
@@ -22,7 +27,14 @@ TINY_T5 = t5_lib.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_layers
 
 
 def init_params(model: t5_lib.T5, seed: int = 0, batch: int = 4) -> dict:
-    """The model's random parameters as numpy arrays (no logical-axis boxes)."""
+    """The model's random parameters as numpy arrays (no logical-axis boxes); a fresh copy
+    each call (initialisation compiles once per config, seed and batch)."""
+    return jax.tree.map(np.copy, _init_params(model.config, seed, batch))
+
+
+@functools.lru_cache(maxsize=None)
+def _init_params(config: t5_lib.T5Config, seed: int, batch: int) -> dict:
+    model = t5_lib.T5(config)
     boxed = jax.jit(lambda: t5_lib.init_params(model, jax.random.PRNGKey(seed), batch=batch))()
     return jax.tree.map(np.asarray, flax.linen.unbox(boxed))
 
@@ -53,9 +65,15 @@ HF_SHAPES = {
 }
 
 
+TORCH_REASON = ("needs PyTorch (tiny reference checkpoints are built with transformers + torch): "
+                "pip install -e '.[test]'")
+
+
 def make_hf_t5(folder, shape="v1_0", seed=0, **overrides):
-    """Save a tiny random T5ForConditionalGeneration in `folder`; returns the torch model."""
-    import torch
+    """Save a tiny random T5ForConditionalGeneration in `folder`; returns the torch model.
+
+    Without PyTorch the calling test is skipped (CI, which installs it, fails on any skip)."""
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
     import transformers
     from mta_jax.hf import read_safetensors, write_safetensors
 
@@ -80,3 +98,28 @@ def make_hf_t5(folder, shape="v1_0", seed=0, **overrides):
         write_safetensors(path, tensors)
         model = transformers.T5ForConditionalGeneration.from_pretrained(folder).eval()
     return model
+
+
+def _paired_leaves(actual, expected):
+    flat_a = jax.tree_util.tree_leaves_with_path(actual)
+    flat_e = jax.tree_util.tree_leaves_with_path(expected)
+    paths_a = [jax.tree_util.keystr(p) for p, _ in flat_a]
+    paths_e = [jax.tree_util.keystr(p) for p, _ in flat_e]
+    assert paths_a == paths_e, (sorted(set(paths_a) ^ set(paths_e)))
+    assert paths_a, "empty trees"
+    return [(path, np.asarray(a), np.asarray(e))
+            for path, (_, a), (_, e) in zip(paths_a, flat_a, flat_e)]
+
+
+def assert_trees_equal(actual, expected) -> None:
+    """Same structure, and every leaf bitwise equal (shape and dtype included)."""
+    for path, a, e in _paired_leaves(actual, expected):
+        assert a.shape == e.shape and a.dtype == e.dtype, (path, a.shape, e.shape, a.dtype, e.dtype)
+        np.testing.assert_array_equal(a, e, err_msg=path)
+
+
+def assert_trees_close(actual, expected, *, rtol: float, atol: float) -> None:
+    """Same structure, and every leaf within rtol / atol."""
+    for path, a, e in _paired_leaves(actual, expected):
+        assert a.shape == e.shape, (path, a.shape, e.shape)
+        np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, err_msg=path)

@@ -50,7 +50,8 @@ def parse_line(
 ) -> dict:
     """One JSON line -> an example dict; raises BadRow naming the field at fault."""
     try:
-        row = json.loads(line)
+        # Without its newline: an error at the end of the line is reported on this line.
+        row = json.loads(line.rstrip("\r\n"))
     except json.JSONDecodeError as e:
         raise ex.BadRow(ex.INVALID_JSON, f"invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(row, dict):
@@ -111,7 +112,7 @@ def read_jsonl(
         for line_no, raw in enumerate(f, start=1):
             where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")  # a leading BOM
             except UnicodeDecodeError as e:
                 err = ex.BadRow(ex.INVALID_JSON, f"not UTF-8 ({e.reason} at byte {e.start})")
                 ex.handle_bad_row(err, where, on_bad_row, report)

@@ -79,12 +79,13 @@ class BatchIterator:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DataError(f"not a data iterator state of format {STATE_FORMAT!r}: {state!r:.200}")
         theirs = state["fingerprint"]
-        differ = {k: (theirs.get(k), v) for k, v in self._fingerprint.items() if theirs.get(k) != v}
+        differ = [f"{k} {theirs.get(k)!r:.80} -> {v!r:.80}"
+                  for k, v in self._fingerprint.items() if theirs.get(k) != v]
         if differ:
             raise DataError(
-                "data iterator state was saved by a different input pipeline; "
-                f"(saved, now) differ in: {differ}. Resume with the same data, "
-                "mixture, lengths, seed, batch size and process layout"
+                "the saved data iterator state comes from a different input pipeline (saved -> "
+                f"now: {'; '.join(differ)}); it resumes only with the same data, mixture, "
+                "lengths, seed, batch size and process count"
             )
         self._iterator.set_state(state["grain"])
 

@@ -22,11 +22,11 @@ import time
 from typing import Optional
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from mta_jax import build, cli, storage
-from mta_jax.errors import ConfigError
+from mta_jax.errors import ConfigError, UserError
 from mta_jax.experiments import summary as summary_lib
 
 FLAGS = flags.FLAGS
@@ -99,10 +99,10 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
     """Runs (or finds) every variant x seed under `out`, then writes the report; returns results."""
     unknown = [v for v in variant_names if v not in build.VARIANTS]
     if unknown or not variant_names:
-        raise app.UsageError(f"--variants must be a non-empty list of {', '.join(build.VARIANTS)}; "
-                             f"got {list(variant_names)}")
+        raise UserError(f"--variants must be a non-empty list of {', '.join(build.VARIANTS)}; "
+                        f"got {list(variant_names)}")
     if num_seeds < 1:
-        raise app.UsageError(f"--seeds must be >= 1; got {num_seeds}")
+        raise UserError(f"--seeds must be >= 1; got {num_seeds}")
     out = storage.makedirs(out)
     batch = base.train.batch_size
     records: dict = {}
@@ -142,8 +142,9 @@ def run_study(base, out: str, variant_names, num_seeds: int, steps: int = 0,
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    with cli.one_line_errors():
+        if len(argv) > 1:
+            raise UserError(f"unexpected arguments: {argv[1:]}")
     cli.quiet_libraries()
     if FLAGS.compilation_cache != "none":
         jax.config.update("jax_compilation_cache_dir",
@@ -156,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -2,9 +2,12 @@
 import os
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from tests.integration import tiny
+
+pytestmark = pytest.mark.slow
 
 
 def test_colab_notebook_runs_and_shows_the_curve_and_heatmap(tmp_path, monkeypatch):

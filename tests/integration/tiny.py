@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 OVERRIDES = {
     "model.d_model": 32, "model.d_kv": 8, "model.d_ff": 64, "model.num_heads": 4,
-    "model.num_layers": 1, "model.num_decoder_layers": 1,
+    "model.num_layers": 1, "model.num_decoder_layers": 1, "model.dropout_rate": 0.1,
     "mta.gate_hidden_dim": 16,
     "data.synthetic_train_size": 400, "data.synthetic_eval_size": 40,
     "data.max_source_length": 32, "data.max_target_length": 12, "data.eval_max_examples": 3,

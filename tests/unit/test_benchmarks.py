@@ -18,6 +18,7 @@ from mta_jax import decoding
 from mta_jax.errors import ConfigError
 from mta_jax.models import mta as M
 from mta_jax.models.t5 import T5, T5Config
+from tests.helpers import TORCH_REASON
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -82,6 +83,7 @@ def test_mfu_uses_the_formula_and_the_device_peak():
     assert gpu.mfu(63744, 1e-6, None) is None
 
 
+@pytest.mark.slow  # trains two steps of each model, profiled
 def test_gpu_script_runs_on_cpu(tmp_path):
     """benchmarks/gpu.py end to end at the micro size: both rows, the formula's FLOPs, no MFU
     on a device without a known peak."""
@@ -125,6 +127,7 @@ def _random(model, seed):
 
 @pytest.mark.parametrize("ffp,kind,renormalize", [
     ("relu", "ffn", False), ("gated-gelu", "ffn", True), ("relu", "bottleneck", False)])
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_topk_gather_equals_dense(ffp, kind, renormalize):
     config = TINY.replace(feed_forward_proj=ffp)
     dense = T5(config.replace(ffn_plug=_stage_two("dense", adapter_kind=kind, adapter_dim=6,
@@ -156,6 +159,7 @@ def test_topk_gather_equals_dense(ffp, kind, renormalize):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_topk_gather_decodes_like_dense():
     dense = T5(TINY.replace(ffn_plug=_stage_two("dense")))
     gather = T5(TINY.replace(ffn_plug=_stage_two("gather")))
@@ -185,7 +189,9 @@ EXPECTED_ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_harness_writes_every_row(tmp_path):
+    pytest.importorskip("torch", reason=TORCH_REASON)  # the PyTorch rows
     out = tmp_path / "results.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)

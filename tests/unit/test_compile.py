@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from mta_jax import build, optim, sharding
+from mta_jax import build, sharding
 from mta_jax import compile as C
 from mta_jax.errors import ConfigError, ShardingError
 from tests.integration import tiny
@@ -50,6 +50,7 @@ def fsdp(fsdp_hlo):
     return _compile(hlo_dir=fsdp_hlo, **{"mesh.data": 1, "mesh.fsdp": 4})
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_both_stages_and_the_decoder_compile_for_the_slice(data_parallel):
     assert data_parallel["devices"] == 4 and data_parallel["mesh"] == "data=4 x fsdp=1 x tensor=1"
     assert data_parallel["chip"]["name"] == "v5e"
@@ -73,6 +74,7 @@ def test_both_stages_and_the_decoder_compile_for_the_slice(data_parallel):
         assert 0 < roof["mfu"] < 1
 
 
+@pytest.mark.slow  # compiles for the TPU slice: over 3 s on 2 cores
 def test_stage_two_keeps_optimizer_state_for_its_trainable_leaves_only(data_parallel):
     one, two = _step(data_parallel, "stage1"), _step(data_parallel, "stage2")
     assert two["trainable_parameters"] < two["parameters"]
@@ -83,6 +85,7 @@ def test_stage_two_keeps_optimizer_state_for_its_trainable_leaves_only(data_para
     assert two["cost"]["flops"] < one["cost"]["flops"]  # no frozen weight gradients
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_fsdp_divides_parameter_and_optimizer_bytes_by_its_size(data_parallel, fsdp):
     assert fsdp["mesh"] == "data=1 x fsdp=4 x tensor=1"
     for stage in ("stage1", "stage2"):
@@ -95,6 +98,7 @@ def test_fsdp_divides_parameter_and_optimizer_bytes_by_its_size(data_parallel, f
         assert comms["all-gather"]["count"] > 0
 
 
+@pytest.mark.slow  # compiles for the TPU slice: over 3 s on 2 cores
 def test_fsdp_keeps_mta_adapter_activations_split_along_the_batch(fsdp, fsdp_hlo):
     """Under fsdp the collectives of MTA's task adapters gather their weights [E, d, f]; XLA
     had gathered and all-reduced the adapters' activations [E, b, l, f] across the batch."""
@@ -120,6 +124,7 @@ def _between(data_parallel, fsdp) -> float:
     return hbm / C.GiB
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_a_step_that_does_not_fit_names_stage_bytes_hbm_and_a_fsdp_mesh_that_fits(
         data_parallel, fsdp):
     hbm_gib = _between(data_parallel, fsdp)
@@ -138,6 +143,7 @@ def test_a_step_that_does_not_fit_names_stage_bytes_hbm_and_a_fsdp_mesh_that_fit
     assert _step(fsdp, "stage1")["memory"]["total"] <= hbm_gib * C.GiB
 
 
+@pytest.mark.slow  # compiles for the TPU slice: over 3 s on 2 cores
 def test_parameters_and_optimizer_state_over_the_hbm_skip_the_compile(data_parallel):
     dp = _step(data_parallel, "stage1")["memory"]
     hbm_gib = 0.9 * (dp["parameters"] + dp["optimizer_state"]) / C.GiB
@@ -178,6 +184,7 @@ def test_an_unknown_topology_is_one_line():
 @pytest.mark.parametrize("name, count", [("t5-small", 60_506_624),
                                          ("google/flan-t5-small", 76_961_152),
                                          ("google/flan-t5-xl", 2_849_757_184)])
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_published_shapes_build_offline_with_the_hub_parameter_counts(name, count):
     config = tiny.tiny_config(init_from=name, variant="dense", stages=("stage1",))
     config.mta.enabled = False
@@ -188,6 +195,7 @@ def test_published_shapes_build_offline_with_the_hub_parameter_counts(name, coun
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)) == count
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_a_local_folder_gives_its_config_json(tmp_path):
     from tests.helpers import make_hf_t5
     make_hf_t5(str(tmp_path), shape="v1_1_old")

@@ -89,7 +89,7 @@ def test_infinite_and_reshuffled_every_epoch(tokenizer):
     ]
     for epoch in epochs:
         assert sorted(epoch) == train  # every example exactly once per epoch
-    assert epochs[0] != epochs[1] != epochs[2]
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # three different orders
     assert _inputs(_take(_pipeline(tokenizer, seed=1).iterator, 5)) != epochs[0]
 
 
@@ -108,7 +108,7 @@ def test_restored_iterator_yields_exactly_the_uninterrupted_batches(tokenizer):
 def test_state_from_another_pipeline_is_refused(tokenizer):
     state = _pipeline(tokenizer, seed=0).iterator.get_state()
     other = _pipeline(tokenizer, seed=1).iterator
-    with pytest.raises(data.DataError, match="different input pipeline.*'seed': \\(0, 1\\)"):
+    with pytest.raises(data.DataError, match="different input pipeline .*seed 0 -> 1"):
         other.set_state(state)
     with pytest.raises(data.DataError, match="not a data iterator state"):
         other.set_state({"next_index": 3})
@@ -304,6 +304,7 @@ print("SAME", all((a == b).all() for a, b in zip(expected, got)),
 """
 
 
+@pytest.mark.slow  # grain worker processes, in a subprocess
 def test_worker_processes_give_the_same_resumable_stream():
     import subprocess
     import sys

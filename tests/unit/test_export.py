@@ -106,6 +106,7 @@ def stage_two(tmp_path_factory):
 
 # --------------------------------------------------------------------------- JAX roundtrip
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("shape, plug", [("v1_0", STAGE_ONE), ("v1_1_old", STAGE_TWO)])
 def test_roundtrip_gives_the_trained_parameters_and_logits_bit_for_bit(tmp_path, shape, plug):
     ex = _export(str(tmp_path), shape, **plug)
@@ -312,6 +313,7 @@ def _hf_tokens(tokens, length):
     return np.where(ended, 0, out)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
 def test_pytorch_runtime_matches_the_jax_model(tmp_path, case):
     import torch

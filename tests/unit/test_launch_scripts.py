@@ -9,7 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = ("launch/tpu_vm.sh", "launch/gpu.sh")
 BASH = shutil.which("bash")
-pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+# The scripts run in bash subprocesses: slow by this suite's rule, though each takes little.
+pytestmark = [pytest.mark.skipif(BASH is None, reason="needs bash"), pytest.mark.slow]
 
 
 @pytest.fixture

@@ -77,6 +77,7 @@ def test_every_module_has_a_layer():
                                    "mta_jax.evaluation",
                                    "benchmarks.run", "benchmarks.gpu", "benchmarks.workloads",
                                    "mta_jax.experiments.summary"])
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_inference_and_benchmarks_do_not_load_the_training_loop(entry):
     code = f"import sys, {entry}; print('mta_jax.train' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

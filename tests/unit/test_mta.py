@@ -1,5 +1,6 @@
 """The MTA block: released initialisation, equivalences, top-k, gradients, conversion, errors."""
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ def _model(**mta):
     return model, init_params(model)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_released_initial_logits_and_weights():
     cfg = M.MTAConfig()
     table = cfg.initial_logits()
@@ -38,6 +40,7 @@ def test_released_initial_logits_and_weights():
     np.testing.assert_array_equal(params["encoder"]["layers_1"]["ffn"]["mta"]["selector"]["logits"], table)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_ffn_copies_equal_plain_t5_whatever_the_weights(tmp_path):
     make_hf_t5(tmp_path, "v1_0")
     plain, p0 = load_hf_t5(str(tmp_path))
@@ -50,11 +53,12 @@ def test_ffn_copies_equal_plain_t5_whatever_the_weights(tmp_path):
             sel["logits"] = jax.random.normal(jax.random.PRNGKey(i), sel["logits"].shape)
     ids, dec, task_ids = _inputs()
     ids = ids % 96
-    a = mta.apply({"params": p1}, ids, dec, task_ids=task_ids)
-    b = plain.apply({"params": p0}, ids, dec)
+    a = jax.jit(lambda p: mta.apply({"params": p}, ids, dec, task_ids=task_ids))(p1)
+    b = jax.jit(lambda p: plain.apply({"params": p}, ids, dec))(p0)
     assert float(jnp.max(jnp.abs(a - b))) <= 1e-5
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_bottleneck_adapters_start_as_exact_noop(tmp_path):
     make_hf_t5(tmp_path, "v1_1_hf5")
     plain, p0 = load_hf_t5(str(tmp_path))
@@ -63,8 +67,9 @@ def test_bottleneck_adapters_start_as_exact_noop(tmp_path):
     assert p1["decoder"]["layers_0"]["ffn"]["mta"]["adapters"]["wo"].shape == (5, 6, 32)
     assert "mlp" in p1["decoder"]["layers_0"]["ffn"]  # the pretrained FFN stays
     ids, dec, task_ids = _inputs()
-    np.testing.assert_array_equal(mta.apply({"params": p1}, ids, dec, task_ids=task_ids),
-                                  plain.apply({"params": p0}, ids, dec))
+    np.testing.assert_array_equal(
+        jax.jit(lambda p: mta.apply({"params": p}, ids, dec, task_ids=task_ids))(p1),
+        jax.jit(lambda p: plain.apply({"params": p}, ids, dec))(p0))
 
 
 def _loop_reference(x, p, weights, act, gated):
@@ -80,6 +85,7 @@ def _loop_reference(x, p, weights, act, gated):
     return out
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("kind", ["ffn", "bottleneck"])
 def test_stacked_adapters_equal_a_reference_loop(kind):
     cfg = TINY.replace(feed_forward_proj="relu" if kind == "bottleneck" else "gated-gelu")
@@ -103,6 +109,7 @@ def test_stacked_adapters_equal_a_reference_loop(kind):
     np.testing.assert_allclose(np.asarray(picked), expected, atol=1e-5)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("k", [1, 2, 4])
 def test_top_k_under_jit_zeroes_exactly_n_minus_k(k):
     model, params = _model(top_k=k, num_shared_adapters=1)
@@ -128,6 +135,7 @@ def test_renormalised_top_k_sums_to_one():
     np.testing.assert_allclose(np.sort(np.asarray(raw), axis=1)[:, -2:], top2)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_gradients_reach_only_selected_adapters():
     model, params = _model(top_k=2)
     ids, dec, _ = _inputs(b=2)
@@ -136,7 +144,7 @@ def test_gradients_reach_only_selected_adapters():
     def loss(p):
         return jnp.sum(model.apply({"params": p}, ids, dec, task_ids=task_ids) ** 2)
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for stack in ("encoder", "decoder"):
         g = grads[stack]["layers_1"]["ffn"]["mta"]["adapters"]
         for name in ("wi_0", "wi_1", "wo"):
@@ -144,6 +152,7 @@ def test_gradients_reach_only_selected_adapters():
             assert (norms[[0, 1, 2]] == 0).all() and (norms[[3, 4]] > 0).all(), (stack, name, norms)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_stage_one_to_stage_two_keeps_leaves_bitwise():
     model1, p1 = _model()
     s2 = M.stage_two_config(model1.config.ffn_plug, top_k=2, num_shared_adapters=2)
@@ -160,9 +169,11 @@ def test_stage_one_to_stage_two_keeps_leaves_bitwise():
     np.testing.assert_allclose(shared[0], f1[("encoder", "layers_1", "ffn", "mta", "adapters", "wo")].mean(0),
                                rtol=1e-6)
     ids, dec, task_ids = _inputs()
-    assert np.isfinite(np.asarray(model2.apply({"params": p2}, ids, dec, task_ids=task_ids))).all()
+    logits = jax.jit(lambda p: model2.apply({"params": p}, ids, dec, task_ids=task_ids))(p2)
+    assert np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_every_mta_parameter_lives_under_an_mta_module():
     model, params = _model(top_k=2, num_shared_adapters=1)
     flat = flax.traverse_util.flatten_dict(params)
@@ -171,11 +182,56 @@ def test_every_mta_parameter_lives_under_an_mta_module():
     assert extra and all("mta" in k for k in extra)
 
 
-def test_start_token_selector_routes_without_task_ids_and_sows_aux_loss():
+@pytest.mark.slow  # over 3 s on 2 cores
+def test_start_token_selector_routes_on_the_first_position_not_on_task_ids():
     model, params = _model(selector="start_token")
     ids, dec, task_ids = _inputs()
-    logits = model.apply({"params": params}, ids, dec)  # no task ids needed
+    sel = params["encoder"]["layers_1"]["ffn"]["mta"]["selector"]
+    # A read-out that matters: large weights, so that routing follows the hidden state.
+    sel["kernel"] = jnp.asarray(np.random.default_rng(3).standard_normal(sel["kernel"].shape),
+                                jnp.float32)
+    seen = []
+
+    def record(next_fun, args, kwargs, context):  # the inputs of the block and its selector
+        if context.method_name == "__call__" and isinstance(
+                context.module, (M.TaskWeightSelector, M.MTABlock)):
+            selector = isinstance(context.module, M.TaskWeightSelector)
+            seen.append((context.module.path, args[1] if selector else args[0]))
+        return next_fun(*args, **kwargs)
+
+    def routing(ids, task_ids):
+        with nn.intercept_methods(record):
+            logits, state = model.apply({"params": params}, ids, dec, task_ids=task_ids,
+                                        mutable=["router"])
+        flat = flax.traverse_util.flatten_dict(state["router"])
+        return logits, {k[:2]: v[0] for k, v in flat.items() if k[-1] == "selector_weights"}
+
+    logits, weights = routing(ids, None)  # no task ids needed
     assert logits.shape == (4, 6, 64)
+    # The weights are Softmax-T of the read-out of the block's input at position 0.
+    encoder_hidden = dict(seen)[("encoder", "layers_1", "ffn", "mta", "selector")]
+    block_input = dict(seen)[("encoder", "layers_1", "ffn", "mta")]  # [b, length, embed]
+    np.testing.assert_array_equal(encoder_hidden, block_input[:, 0])
+    np.testing.assert_allclose(
+        weights[("encoder", "layers_1")],
+        jax.nn.softmax((encoder_hidden @ sel["kernel"] + sel["bias"]) / 0.1), rtol=1e-5, atol=1e-6)
+    assert np.ptp(np.asarray(weights[("encoder", "layers_1")]), axis=0).max() > 0.1
+    # Task ids change nothing but the auxiliary loss.
+    other_logits, other = routing(ids, (task_ids + 1) % 5)
+    np.testing.assert_array_equal(other_logits, logits)
+    for k in weights:
+        np.testing.assert_array_equal(other[k], weights[k])
+    # A different first token changes that example's routing, only that example's.
+    changed = ids.at[2, 0].set((ids[2, 0] + 7) % 64)
+    _, moved = routing(changed, None)
+    delta = np.abs(np.asarray(moved[("encoder", "layers_1")] - weights[("encoder", "layers_1")]))
+    assert delta[2].max() > 1e-3 and delta[[0, 1, 3]].max() == 0.0
+
+
+@pytest.mark.slow  # over 3 s on 2 cores
+def test_start_token_selector_sows_its_task_loss():
+    model, params = _model(selector="start_token")
+    ids, dec, task_ids = _inputs()
     _, state = model.apply({"params": params}, ids, dec, task_ids=task_ids, mutable=["router"])
     flat = flax.traverse_util.flatten_dict(state["router"])
     aux = [v[0] for k, v in flat.items() if k[-1] == "selector_task_loss"]

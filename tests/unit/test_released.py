@@ -64,6 +64,7 @@ def test_stage_one_is_the_released_noisegate_mixture():
     np.testing.assert_allclose(ours, _torch_out(released, x, types), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("compute", ["dense", "gather"])
 @pytest.mark.parametrize("num_shared", [1, 3])
 def test_stage_two_own_selection_and_gate_are_the_released_sharemoe(compute, num_shared):
@@ -113,6 +114,7 @@ def test_bad_released_options_name_the_field(changes, field):
         M.MTAConfig(**changes)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_own_selection_decodes_as_full_passes_with_dense_and_gather():
     ids, _, task_ids = random_inputs(batch=4, seed=3)
     decoded = {}
@@ -227,6 +229,7 @@ def test_training_starts_the_decoder_from_e_and_decoding_from_pad(released_setup
     assert decoding.decode_texts(np.array([[e, 104, 400, 105, 1, 106]]), tok) == ["ef"]
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_evaluation_pools_anaphora_into_classify_when_configured(released_setup):
     setup, stage, workdir = released_setup
     params = build.initial_params(setup, stage, str(workdir))

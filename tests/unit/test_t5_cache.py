@@ -30,6 +30,7 @@ def _inputs(config):
     return ids, mask, dec, np.array([0, 3], np.int32)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_cached_steps_equal_full_forward(shape):
     config = t5_lib.T5Config(**HF_TINY, **SHAPES[shape])

@@ -1,10 +1,12 @@
 """Our Flax T5 against Hugging Face's PyTorch T5 on tiny random checkpoints."""
 import numpy as np
-import torch
+import pytest
 
 import jax.numpy as jnp
 from mta_jax import load_hf_t5, save_hf_t5
-from tests.helpers import make_hf_t5
+from tests.helpers import TORCH_REASON, assert_trees_equal, make_hf_t5
+
+torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
 
 def _batch(seed=0, vocab=96):
@@ -35,6 +37,7 @@ def _loss(logits, labels, dec_mask):
     return float(np.sum(nll * dec_mask) / np.sum(dec_mask))
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_logits_and_loss_match_pytorch(tmp_path, hf_shape):
     ref_model = make_hf_t5(tmp_path, hf_shape)
     model, params = load_hf_t5(str(tmp_path))
@@ -60,6 +63,7 @@ def test_config_reading_follows_the_rule(tmp_path, hf_shape):
     assert ("lm_head" in params) == (not c.tie_word_embeddings)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_export_then_from_pretrained_gives_identical_logits(tmp_path, hf_shape):
     import transformers
 
@@ -79,10 +83,14 @@ def test_export_then_from_pretrained_gives_identical_logits(tmp_path, hf_shape):
     # logits near 25, where two float32 computations differ by ~1e-5 (PyTorch's own float32
     # is 7e-6 off its float64 there); the v1.0 logits (near 4) meet 1e-5 as they are.
     assert np.abs(ours - ref)[real].max() <= max(1e-5, 1e-6 * np.abs(ref).max())
-    # And our own loader reads the export back bitwise.
+    # And our own loader reads the export back bitwise, every leaf.
     _, again = load_hf_t5(str(tmp_path / "out"))
-    np.testing.assert_array_equal(np.asarray(again["shared"]["embedding"]),
-                                  np.asarray(params["shared"]["embedding"]))
+    expected = dict(params)
+    if hf_shape == "v1_1_hf5":
+        # Tied but unscaled: the export writes the head as its own lm_head.weight (older
+        # transformers would randomise a missing one), so it reads back untied, = embedding.
+        expected["lm_head"] = params["shared"]["embedding"].T
+    assert_trees_equal(again, expected)
 
 
 def test_sharded_index_is_read(tmp_path):
@@ -102,10 +110,10 @@ def test_sharded_index_is_read(tmp_path):
     weight_map = {k: f for f, keys in shards.items() for k in keys}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     _, sharded = load_hf_t5(str(tmp_path))
-    np.testing.assert_array_equal(np.asarray(sharded["decoder"]["final_layer_norm"]["scale"]),
-                                  np.asarray(params["decoder"]["final_layer_norm"]["scale"]))
+    assert_trees_equal(sharded, params)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_bfloat16_compute_stays_close(tmp_path):
     ref_model = make_hf_t5(tmp_path, "v1_0")
     model, params = load_hf_t5(str(tmp_path), dtype=jnp.bfloat16)
@@ -115,24 +123,3 @@ def test_bfloat16_compute_stays_close(tmp_path):
                                   attention_mask=jnp.asarray(mask)))
     assert ours.dtype == np.float32  # logits are float32 whatever the compute dtype
     assert np.abs(ours - ref)[dec_mask.astype(bool)].max() < 0.1
-
-
-def test_remat_and_dropout_options(tmp_path):
-    import jax
-
-    make_hf_t5(tmp_path, "v1_1_hf5")
-    model, params = load_hf_t5(str(tmp_path), remat=True, dropout_rate=0.5)
-    ids, mask, dec, dec_mask, labels = _batch()
-
-    def loss(p, rng, deterministic):
-        logits = model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(dec),
-                             attention_mask=jnp.asarray(mask), deterministic=deterministic,
-                             rngs={"dropout": rng})
-        return jnp.mean(logits)
-
-    det = jax.jit(jax.value_and_grad(loss), static_argnums=2)
-    l1, g1 = det(params, jax.random.PRNGKey(0), True)
-    l2, _ = det(params, jax.random.PRNGKey(1), True)
-    l3, _ = det(params, jax.random.PRNGKey(1), False)
-    assert float(l1) == float(l2) and float(l1) != float(l3)
-    assert np.isfinite(np.asarray(g1["shared"]["embedding"])).all()

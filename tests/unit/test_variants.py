@@ -27,25 +27,26 @@ def _flat(params):
     return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("variant", build.VARIANTS)
 def test_every_variant_builds_and_keeps_shapes(variant):
     config = _config(variant)
     assert tuple(config.stages) == (("stage1", "stage2") if variant == "mta" else ("stage1",))
     plug = build.ffn_plug(config, "stage1")
     assert (plug is None) == (variant == "dense")
-    if variant.startswith("mta"):  # the MTA block itself is tested in test_mta.py
+    if variant.startswith("mta"):  # the MTA block's arithmetic is tested in test_mta.py
         assert isinstance(plug, mta.MTAConfig) and plug.top_k is None
         assert variant == "mta_stage1" or build.ffn_plug(config, "stage2").top_k == 2
-        return
     model = T5(TINY.replace(ffn_plug=plug))
     params = init_params(model, batch=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(2, 64, (3, 7)))
     dec = ids[:, :5]
-    logits, state = model.apply({"params": params}, ids, dec, task_ids=jnp.array([0, 1, 3]),
-                                mutable=["router", "losses"])
+    logits, state = jax.jit(lambda p: model.apply(
+        {"params": p}, ids, dec, task_ids=jnp.array([0, 1, 3]), mutable=["router", "losses"]))(params)
     assert logits.shape == (3, 5, 64) and bool(jnp.all(jnp.isfinite(logits)))
     paths = _flat(params)
-    name = {"shared_adapter": "shared_adapter", "switch_moe": "moe", "task_moe": "moe"}.get(variant)
+    name = {"shared_adapter": "shared_adapter", "switch_moe": "moe", "task_moe": "moe",
+            "mta_stage1": "mta", "mta": "mta"}.get(variant)
     plugged = [p for p in paths if name and f"/{name}/" in p]
     # One plugged block per stack (the last), nowhere else.
     assert {p.split("/")[0] + "/" + p.split("/")[1] for p in plugged} == (
@@ -54,6 +55,14 @@ def test_every_variant_builds_and_keeps_shapes(variant):
         e = 5
         assert paths["encoder/layers_1/ffn/moe/experts/wi_0"].shape == (e, 16, 24)
         assert "encoder/layers_1/ffn/mlp/wi_0" not in paths  # the experts replace the FFN
+    if variant.startswith("mta"):
+        # Stage one: five FFN copies replace the FFN, mixed by the task's selector row.
+        assert paths["encoder/layers_1/ffn/mta/adapters/wi_0"].shape == (5, 16, 24)
+        assert paths["decoder/layers_1/ffn/mta/selector/logits"].shape == (5, 5)
+        assert "encoder/layers_1/ffn/mlp/wi_0" not in paths
+        weights = _flat(state["router"])["encoder/layers_1/ffn/mta/adapter_weights"][0]
+        np.testing.assert_allclose(weights, jax.nn.softmax(
+            paths["encoder/layers_1/ffn/mta/selector/logits"][np.array([0, 1, 3])] / 0.1), rtol=1e-6)
     if variant == "shared_adapter":
         assert paths["decoder/layers_1/ffn/shared_adapter/adapter/wi"].shape == (1, 16, 384)
         assert "decoder/layers_1/ffn/mlp/wo" in paths  # the adapter joins the FFN
@@ -101,6 +110,7 @@ def test_configure_splits_mta_steps_in_the_stage_ratio():
     assert base.stage1.num_train_steps == 10000 and base.variant == "mta"  # a copy
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_shared_adapter_starts_as_the_plain_ffn():
     plug = build.ffn_plug(_config("shared_adapter"), "stage1")
     model, plain = T5(TINY.replace(ffn_plug=plug)), T5(TINY)
@@ -108,8 +118,9 @@ def test_shared_adapter_starts_as_the_plain_ffn():
     backbone = flax.traverse_util.unflatten_dict(
         {k: v for k, v in flax.traverse_util.flatten_dict(params).items() if "shared_adapter" not in k})
     ids = jnp.asarray(np.random.default_rng(1).integers(2, 64, (2, 6)))
-    np.testing.assert_allclose(model.apply({"params": params}, ids, ids),
-                               plain.apply({"params": backbone}, ids, ids), atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda p: model.apply({"params": p}, ids, ids))(params),
+                               jax.jit(lambda p: plain.apply({"params": p}, ids, ids))(backbone),
+                               atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- Switch
@@ -163,6 +174,7 @@ def _switch(capacity_factor=1.25, **kw):
     return module, params, x
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_switch_dropped_tokens_pass_through_and_kept_tokens_use_their_expert():
     module, params, x = _switch(capacity_factor=0.34, load_balance_weight=0.5, z_loss_weight=0.1)
     y, state = module.apply({"params": params}, x, CTX, deterministic=True,
@@ -193,6 +205,7 @@ def test_switch_dropped_tokens_pass_through_and_kept_tokens_use_their_expert():
     assert router["adapter_weights"].shape == (2, 3)
 
 
+@pytest.mark.slow  # over 3 s on 2 cores
 def test_task_moe_routes_by_task_id():
     plug = moe.TaskMoEConfig(task_types=("a", "b", "c"))
     module = moe.TaskMoE(TINY, plug)
