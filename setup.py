@@ -37,7 +37,9 @@ setup(
         # torch==2.13.0 is the CPU build on these machines; a bare `torch` pulls CUDA.
         # jax[tpu] brings libtpu, which compiles for TPU slices on any Linux host (the
         # mta_jax.compile tests); it follows the installed jax (0.10 on 3.11, 0.12 on 3.12).
-        "test": ["pytest>=8", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
+        # pytest-xdist: two workers, one test file each (--dist loadfile), as on 2 cores the
+        # tests that train in subprocesses leave one core idle much of the time.
+        "test": ["pytest>=8", "pytest-xdist", "torch==2.13.0", "nbclient", "nbformat", "ipykernel",
                  "gcp-storage-emulator",
                  "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Serving an exported model with PyTorch (mta_jax.torch); any torch build fits.

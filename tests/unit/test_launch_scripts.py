@@ -125,5 +125,5 @@ def test_ci_runs_the_readme_test_command():
         readme = f.read()
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci_command = f.read().strip().splitlines()[-1]
-    assert ci_command == "pip install -q -e '.[test]' && python -m pytest"
+    assert ci_command == "pip install -q -e '.[test]' && python -m pytest -n 2 --dist loadfile"
     assert f". .venv/bin/activate && {ci_command}\n" in readme
