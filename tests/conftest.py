@@ -6,7 +6,8 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests compile hundreds of tiny programs: unoptimised LLVM code compiles in half the time
-# (the same HLO and results). The runs the tests start in subprocesses get the default flags.
+# (the same HLO and results). The runs the tests start get the same flags (tests/integration/
+# tiny.py, FAST_XLA_FLAGS).
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 "
                                    "--xla_llvm_disable_expensive_passes=true")
 

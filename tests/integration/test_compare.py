@@ -15,7 +15,7 @@ ROUTED = ("switch_moe", "task_moe", "mta_stage1", "mta")  # the others have no r
 
 def _env():
     # Unoptimised XLA code compiles in half the time; at 10 steps compiling is the cost.
-    return {**tiny.env(), "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    return tiny.env()
 
 
 def _command(out, cache):

@@ -42,7 +42,7 @@ def _url(gcs, name: str) -> str:
 
 def _env(gcs, **extra) -> dict:
     # Unoptimised XLA code compiles in half the time; every run here uses the same flags.
-    return {**tiny.env(), **gcs.env, "XLA_FLAGS": "--xla_backend_optimization_level=0", **extra}
+    return {**tiny.env(), **gcs.env, **extra}
 
 
 def _main(gcs, workdir: str, **changes) -> subprocess.CompletedProcess:
@@ -263,8 +263,7 @@ def test_two_processes_train_into_one_bucket_workdir(gcs, tmp_path):
     procs = []
     for pid in range(2):
         env = _env(gcs, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                   JAX_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=2 "
-                   "--xla_backend_optimization_level=0")
+                   JAX_PROCESS_ID=str(pid), XLA_FLAGS="--xla_force_host_platform_device_count=2 " + tiny.FAST_XLA_FLAGS)
         env.pop("MTA_JAX_DISTRIBUTED", None)
         procs.append(subprocess.Popen(tiny.cli_args(workdir, **changes), cwd=tiny.ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))

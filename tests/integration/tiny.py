@@ -43,10 +43,13 @@ def cli_args(workdir, **changes) -> list[str]:
     return args
 
 
+# Unoptimised XLA CPU code for the runs the tests start: the demo-shaped run compiled and ran
+# in 29.8 s against 63.4 s with the default flags (cold cache, 2 cores), with the same scores.
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def env() -> dict:
-    e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    e.pop("XLA_FLAGS", None)
-    return e
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=FAST_XLA_FLAGS)
 
 
 def run_main(workdir, timeout=600, **changes) -> subprocess.CompletedProcess:
