@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import TORCH_REASON
+
 from mta_jax import artifact_format as fmt
 from mta_jax import decoding, load_adapters, predict
 from tests.integration import tiny
@@ -51,6 +53,7 @@ def _fixture(workdir, tmp_path):
 
 
 def test_export_writes_the_artifact_and_a_backbone_transformers_reads(exported):
+    pytest.importorskip("torch", reason=TORCH_REASON)  # transformers loads the backbone with it
     import transformers
 
     _, out = exported
@@ -94,8 +97,9 @@ def test_predict_from_the_artifact_equals_predict_from_the_workdir(exported, tmp
 
 
 def test_pytorch_serves_the_demo_model_with_its_logits_and_greedy_tokens(exported, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from mta_jax.torch import load_mta_t5
 
     workdir, out = exported

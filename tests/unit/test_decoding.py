@@ -10,7 +10,7 @@ import pytest
 
 from mta_jax import decoding, load_hf_t5
 from mta_jax.models import t5 as t5_lib
-from tests.helpers import make_hf_t5
+from tests.helpers import TORCH_REASON, make_hf_t5
 
 MAX_LENGTH = 8
 EOS, PAD, START = 1, 0, 0
@@ -30,7 +30,7 @@ class Tiny:
 def tiny(tmp_path_factory):
     """A tiny v1.0 checkpoint whose EOS logit is set so that some sequences end early, some
     late and some never within MAX_LENGTH (a random model almost never says EOS)."""
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     folder = str(tmp_path_factory.mktemp("t5_v1_0"))
     hf = make_hf_t5(folder, "v1_0")
@@ -137,7 +137,7 @@ def test_greedy_is_argmax_of_full_passes_on_the_growing_prefix(tiny):
 
 
 def test_greedy_matches_hugging_face_generate(tiny):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     tokens = decoding.greedy_decode(tiny.model, tiny.params, tiny.ids, tiny.mask,
                                     max_length=MAX_LENGTH)
@@ -151,7 +151,7 @@ def test_greedy_matches_hugging_face_generate(tiny):
 # --------------------------------------------------------------------------- beam search
 
 def test_beam_search_matches_hugging_face_generate(tiny):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     tokens, scores = decoding.beam_search(tiny.model, tiny.params, tiny.ids, tiny.mask,
                                           max_length=MAX_LENGTH, beam_size=4, length_penalty=0.6)

@@ -17,7 +17,7 @@ from mta_jax import artifact, decoding, hf, load_adapters, load_hf_t5
 from mta_jax import artifact_format as fmt
 from mta_jax.errors import CheckpointFormatError
 from mta_jax.models import mta as M
-from tests.helpers import make_hf_t5
+from tests.helpers import TORCH_REASON, make_hf_t5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EOS, MAX_LENGTH = 1, 8
@@ -278,6 +278,7 @@ def test_the_cli_prints_the_error_as_one_line(stage_two, tmp_path):
 
 @pytest.mark.slow  # spawns a process
 def test_mta_jax_torch_imports_no_jax():
+    pytest.importorskip("torch", reason=TORCH_REASON)
     code = ("import sys, mta_jax.torch; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'flax', 'optax'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -316,9 +317,10 @@ def _hf_tokens(tokens, length):
 @pytest.mark.slow  # over 3 s on 2 cores
 @pytest.mark.parametrize("case", sorted(TORCH_CASES))
 def test_pytorch_runtime_matches_the_jax_model(tmp_path, case):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
     import transformers
 
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from mta_jax.torch import load_mta_t5
 
     shape, hf_overrides, plug = TORCH_CASES[case]
@@ -354,7 +356,7 @@ def test_pytorch_runtime_matches_the_jax_model(tmp_path, case):
 
 
 def test_pytorch_top_k_keeps_the_adapters_jax_keeps_among_equal_weights():
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     from mta_jax.torch import adapter_weights
 
@@ -371,6 +373,7 @@ def test_pytorch_top_k_keeps_the_adapters_jax_keeps_among_equal_weights():
 
 
 def test_pytorch_runtime_refuses_what_load_adapters_refuses(stage_two, tmp_path):
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from mta_jax.torch import load_mta_t5
 
     folder = _copy_backbone(stage_two, tmp_path)
@@ -387,8 +390,9 @@ def test_pytorch_runtime_refuses_what_load_adapters_refuses(stage_two, tmp_path)
 
 
 def test_pytorch_runtime_needs_task_ids_in_range(stage_two):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from mta_jax.torch import load_mta_t5
 
     model = load_mta_t5(os.path.join(stage_two.dir, "backbone"), stage_two.dir)

@@ -20,7 +20,7 @@ from mta_jax.data import tokenize
 from mta_jax.errors import ConfigError
 from mta_jax.models import mta as M
 from mta_jax.models import t5 as t5_lib
-from tests.helpers import TINY_T5, init_params, make_hf_t5, random_inputs
+from tests.helpers import TORCH_REASON, TINY_T5, init_params, make_hf_t5, random_inputs
 from tests.integration import tiny
 
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "alter_small.jsonl"
@@ -46,7 +46,7 @@ def _block(plug: M.MTAConfig, types, seed=0):
 
 
 def _torch_out(module, x, types):
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     with torch.no_grad():
         return module(torch.tensor(np.asarray(x)), list(types)).numpy()
@@ -57,6 +57,7 @@ def test_stage_one_is_the_released_noisegate_mixture():
     apply, params, x, task_ids = _block(M.MTAConfig(), types)
     table = params["selector"]["logits"]
     rows = {t: table[M.MTAConfig().task_types.index(t)] for t in set(types)}
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from tests import released_torch
 
     ours = np.asarray(apply(params, x, task_ids))
@@ -68,6 +69,7 @@ def test_stage_one_is_the_released_noisegate_mixture():
 @pytest.mark.parametrize("compute", ["dense", "gather"])
 @pytest.mark.parametrize("num_shared", [1, 3])
 def test_stage_two_own_selection_and_gate_are_the_released_sharemoe(compute, num_shared):
+    pytest.importorskip("torch", reason=TORCH_REASON)
     from tests import released_torch
 
     plug = M.MTAConfig(num_adapters=4, task_types=released_torch.SHAREMOE4_TYPES, top_k=2,
@@ -182,7 +184,7 @@ def test_decode_length_counts_as_generate_max_length_minus_the_start_token(tmp_p
     search with max_decode_length 127: checked at a length a tiny model reaches."""
     config = _released_lengths_config()
     assert config.eval.max_decode_length == 128 - 1
-    import torch
+    torch = pytest.importorskip("torch", reason=TORCH_REASON)
 
     hf = make_hf_t5(str(tmp_path), "v1_0", seed=2)
     model, params = load_hf_t5(str(tmp_path))
