@@ -107,12 +107,19 @@ def load_artifact(adapter_dir: str, backbone: Optional[str] = None, *,
     model, params = artifact.load_adapters(backbone, adapter_dir,
                                            accept_other_backbone=accept_other_backbone)
     meta = fmt.read_meta(adapter_dir)
-    data = data_lib.get_data_config()
-    data.update(meta["data"])
+    data, task_types, reads_task_type = _artifact_spec(meta)
     tokenizer = data_lib.get_tokenizer(data.tokenizer if data.tokenizer == "byt5" else backbone)
     logging.info("predicting with the adapters in %s on %s", adapter_dir, backbone)
     return Predictor(model, params, tokenizer, data, ml_collections.ConfigDict(meta["eval"]),
-                     tuple(meta["task_types"]), model.config.ffn_plug.selector != "start_token")
+                     task_types, reads_task_type)
+
+
+def _artifact_spec(meta: dict):
+    """-> (config.data as the run had it, task types, whether routing reads a line's type),
+    from an artifact's mta_config.json."""
+    data = data_lib.get_data_config()
+    data.update(meta["data"])
+    return data, tuple(meta["task_types"]), meta["plug"]["selector"] != "start_token"
 
 
 def load_predictor(source: str, *, stage: Optional[str] = None, step: Optional[int] = None,
@@ -131,9 +138,8 @@ def _input_spec(source: str, from_artifact: bool, stage: Optional[str]):
     """-> (task types, whether routing reads a line's type, config.data.on_bad_row), from the
     run's config.json or the artifact's mta_config.json alone."""
     if from_artifact:
-        meta = fmt.read_meta(source)
-        on_bad_row = meta["data"].get("on_bad_row", data_lib.get_data_config().on_bad_row)
-        return tuple(meta["task_types"]), meta["plug"]["selector"] != "start_token", on_bad_row
+        data, task_types, reads_task_type = _artifact_spec(fmt.read_meta(source))
+        return task_types, reads_task_type, data.on_bad_row
     config = load_config(source)
     _stage_of(config, stage)
     return tuple(config.mta.task_types), build.reads_task_type(config), config.data.on_bad_row
