@@ -52,21 +52,34 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 
 # ----------------------------------------------------------------------------- the slice
 
+# libtpu's compiler runs on fibers with small stacks; estimating the cost of some fused
+# convolutions recurses deeper than they allow, and the process dies with "SIGSEGV STACK
+# OVERFLOW" (seen: T5-small's stage-two step under fsdp with dropout, jax 0.10.2's libtpu).
+# 8 MiB, a Linux thread's default stack, is reserved address space, touched only when used.
+FIBER_STACK_FLAG = "--fibers_default_thread_stack_size=8388608"
+
+
 @contextlib.contextmanager
 def _libtpu_environment():
     """libtpu reads these when it loads. Without them, on a host with no TPU it prints errors
     about the worker hostnames and accelerator type, and takes a lock file that makes every
-    other JAX process on the host wait ~10 s for it; it opens no chip when only compiling."""
+    other JAX process on the host wait ~10 s for it; it opens no chip when only compiling.
+    LIBTPU_INIT_ARGS gains FIBER_STACK_FLAG unless it sets the fiber stack itself."""
     values = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
               "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_SKIP_MDS_QUERY": "1"}
-    saved = {k: os.environ.get(k) for k in values}
+    saved = {k: os.environ.get(k) for k in [*values, "LIBTPU_INIT_ARGS"]}
     os.environ.update({k: v for k, v in values.items() if saved[k] is None})
+    init_args = saved["LIBTPU_INIT_ARGS"] or ""
+    if "fibers_default_thread_stack_size" not in init_args:
+        os.environ["LIBTPU_INIT_ARGS"] = f"{init_args} {FIBER_STACK_FLAG}".strip()
     try:
         yield
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def topology(spec: str) -> tuple[flops.Chip, list]:
