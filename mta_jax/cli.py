@@ -152,6 +152,16 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING and "did not provide metrics" not in str(record.msg)
 
 
+def add_libtpu_flags(extra) -> None:
+    """Appends `extra` to LIBTPU_INIT_ARGS (read once, when libtpu loads: call before JAX
+    touches a TPU), keeping what the user set; a flag the user already names is left alone."""
+    current = os.environ.get("LIBTPU_INIT_ARGS", "")
+    named = {a.split("=")[0] for a in current.split()}
+    new = [f for f in extra if f.split("=")[0] not in named]
+    if new:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join([current, *new]).strip()
+
+
 def quiet_libraries() -> None:
     std_logging.getLogger("absl").addFilter(_QuietLibraries())
     for name in ("gcsfs", "fsspec"):  # they log every gs:// read cache they open at INFO

@@ -60,18 +60,17 @@ FIBER_STACK_FLAG = "--fibers_default_thread_stack_size=8388608"
 
 
 @contextlib.contextmanager
-def _libtpu_environment():
-    """libtpu reads these when it loads. Without them, on a host with no TPU it prints errors
-    about the worker hostnames and accelerator type, and takes a lock file that makes every
-    other JAX process on the host wait ~10 s for it; it opens no chip when only compiling.
-    LIBTPU_INIT_ARGS gains FIBER_STACK_FLAG unless it sets the fiber stack itself."""
+def _libtpu_environment(extra_flags=()):
+    """libtpu reads these when it loads (once a process). Without them, on a host with no TPU
+    it prints errors about the worker hostnames and accelerator type, and takes a lock file
+    that makes every other JAX process on the host wait ~10 s for it; it opens no chip when
+    only compiling. LIBTPU_INIT_ARGS gains FIBER_STACK_FLAG and `extra_flags` (those training
+    runs with: step.libtpu_flags), unless the user's own LIBTPU_INIT_ARGS names them."""
     values = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost",
               "TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_SKIP_MDS_QUERY": "1"}
     saved = {k: os.environ.get(k) for k in [*values, "LIBTPU_INIT_ARGS"]}
     os.environ.update({k: v for k, v in values.items() if saved[k] is None})
-    init_args = saved["LIBTPU_INIT_ARGS"] or ""
-    if "fibers_default_thread_stack_size" not in init_args:
-        os.environ["LIBTPU_INIT_ARGS"] = f"{init_args} {FIBER_STACK_FLAG}".strip()
+    cli.add_libtpu_flags([FIBER_STACK_FLAG, *extra_flags])
     try:
         yield
     finally:
@@ -82,8 +81,9 @@ def _libtpu_environment():
                 os.environ[k] = v
 
 
-def topology(spec: str) -> tuple[flops.Chip, list]:
-    """'v5e:4x4' | 'v4:2x2x2' ... -> (the chip, the slice's compile-only devices, one per chip)."""
+def topology(spec: str, libtpu_flags=()) -> tuple[flops.Chip, list]:
+    """'v5e:4x4' | 'v4:2x2x2' ... -> (the chip, the slice's compile-only devices, one per chip).
+    `libtpu_flags` count only if this is the process's first TPU topology (libtpu loads once)."""
     m = re.fullmatch(r"(\w+):(\d+(?:x\d+){1,2})", spec.strip())
     chip = flops.TPU_CHIPS.get(m.group(1)) if m else None
     if chip is None:
@@ -93,7 +93,7 @@ def topology(spec: str) -> tuple[flops.Chip, list]:
     per_host = tuple(min(d, h) for d, h in zip(dims, chip.chips_per_host))
     try:
         from jax.experimental import topologies
-        with _libtpu_environment():
+        with _libtpu_environment(libtpu_flags):
             desc = topologies.get_topology_desc(
                 platform="tpu", topology_name=f"{chip.name}:{m.group(2)}",
                 chip_config_name="megacore" if chip.megacore else "default",
@@ -399,7 +399,8 @@ def compile_config(config: ml_collections.ConfigDict, topology_spec: str, *, dec
     """Compiles every stage of `config` (and, with `decode`, evaluation's decoder) for the
     slice; returns everything as a JSON-able dict. `hbm_gib` replaces the chip's HBM;
     `hlo_dir` receives each compiled program's text (<stage>_train.hlo, <stage>_decode.hlo)."""
-    chip, devices = topology(topology_spec)
+    tpu_flags = step_lib.libtpu_flags(config.train.rng_impl)
+    chip, devices = topology(topology_spec, tpu_flags)
     mesh = sharding.make_mesh(config.mesh, devices)
     setup = build.make_setup(config, training=True, mesh=mesh, shapes_only=True)
     hbm = int(hbm_gib * GiB) if hbm_gib else chip.hbm_bytes
@@ -411,7 +412,7 @@ def compile_config(config: ml_collections.ConfigDict, topology_spec: str, *, dec
                         "target_length": config.data.max_target_length,
                         "grad_accum_steps": config.train.grad_accum_steps},
               "dtype": config.model.dtype, "remat": config.model.remat,
-              "rng_impl": config.train.rng_impl, "steps": []}
+              "rng_impl": config.train.rng_impl, "libtpu_flags": list(tpu_flags), "steps": []}
     log(_header(result, chip))
     for name in config.stages:
         report = train_report(setup, name, chip, hbm, hlo_dir)
@@ -429,12 +430,13 @@ def compile_config(config: ml_collections.ConfigDict, topology_spec: str, *, dec
 
 def _header(result: dict, chip: flops.Chip) -> str:
     b = result["batch"]
+    flags_ = f" (libtpu {' '.join(result['libtpu_flags'])})" if result["libtpu_flags"] else ""
     return (f"{result['topology']}: {result['devices']} x {chip.device_kind} "
             f"({result['hbm_bytes'] / GiB:.1f} GiB HBM, {chip.peak_bf16 / 1e12:.0f} TFLOP/s bf16, "
             f"HBM {chip.hbm_bandwidth / 1e9:.0f} GB/s, ICI {chip.ici_bandwidth / 1e9:.0f} GB/s)\n"
             f"mesh {result['mesh']}; batch {b['batch_size']} x {b['source_length']}/"
             f"{b['target_length']} tokens; {result['dtype']} compute, remat {result['remat']}, "
-            f"dropout keys {result['rng_impl']}\nmodel shapes from {result['shapes_from']}")
+            f"dropout keys {result['rng_impl']}{flags_}\nmodel shapes from {result['shapes_from']}")
 
 
 def _size(nbytes: float) -> str:

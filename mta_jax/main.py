@@ -21,12 +21,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     cli.quiet_libraries()
-    from mta_jax import train
+    from mta_jax import step, train
     from mta_jax.errors import TrainingError, UserError
     try:
         with cli.one_line_errors():
             if len(argv) > 1:
                 raise UserError(f"unexpected arguments: {argv[1:]}")
+            # Before any TPU is opened; the same flags mta_jax.compile compiles with.
+            cli.add_libtpu_flags(step.libtpu_flags(FLAGS.config.train.rng_impl))
             train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except train.Preempted:
         logging.warning("preempted: checkpoint saved; rerun the same command to resume")

@@ -134,6 +134,26 @@ def dropout_key(seed: int, stage_index: int, impl: str = "threefry2x32") -> jax.
     return jax.random.fold_in(jax.random.key(seed, impl=impl), stage_index)
 
 
+RBG_SPMD_FLAG = "--xla_tpu_spmd_rng_bit_generator_unsafe=true"
+
+
+def libtpu_flags(rng_impl: str) -> tuple[str, ...]:
+    """libtpu flags a config's train step is compiled with, by training (mta_jax.main) and by
+    mta_jax.compile alike.
+
+    rbg / unsafe_rbg keys get RBG_SPMD_FLAG. Without it XLA's SPMD partitioner draws every
+    dropout mask for the global batch on each chip and keeps its slice: compiled for a v5e-8,
+    T5-small's stage one (batch 64, 512/64 tokens) accessed 43.5 GB per chip with 2.27 GiB of
+    temporaries, against 30.0 GB and 1.33 GiB with it (README, "Compile for a TPU slice").
+    The price: the masks depend on the mesh. With remat a block draws its masks again in the
+    backward pass; a redraw sharded differently from the forward draw would give other masks
+    (jax-ml/jax issue 21046). The activations' logical constraints give both draws the same
+    sharding (the test compiles both and compares), and MaxText and AXLearn run this flag with
+    remat too. threefry2x32 needs no flag: jax_threefry_partitionable splits its draws.
+    """
+    return (RBG_SPMD_FLAG,) if rng_impl in ("rbg", "unsafe_rbg") else ()
+
+
 def state_donation(platform: Optional[str] = None) -> tuple[int, ...]:
     """`donate_argnums` of a train step (params, opt_state, batch, rng) on `platform`
     (default: JAX's default backend).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mta_jax import build, sharding
+from mta_jax import step as step_lib
 from mta_jax import compile as C
 from mta_jax.errors import ConfigError, ShardingError
 from tests.integration import tiny
@@ -292,3 +293,45 @@ def test_t5_small_stage_two_under_fsdp_with_dropout_compiles(tmp_path):
     assert step["model_flops"] > 0 and step["cost"]["flops"] > 0
     # Each of the 8 chips holds an eighth of the parameters (float32), within 10%.
     assert step["memory"]["parameters"] == pytest.approx(4 * step["parameters"] / 8, rel=0.1)
+
+
+def test_rbg_keys_get_the_spmd_flag():
+    assert step_lib.libtpu_flags("rbg") == (step_lib.RBG_SPMD_FLAG,)
+    assert step_lib.libtpu_flags("unsafe_rbg") == (step_lib.RBG_SPMD_FLAG,)
+    assert step_lib.libtpu_flags("threefry2x32") == ()
+
+
+def _rng_bit_generator_shapes(hlo_path) -> list[list[int]]:
+    """The bits each rng-bit-generator draws (its result, or the bits beside the new state)."""
+    shapes = []
+    with open(hlo_path) as f:
+        for line in f:
+            if " rng-bit-generator(" in line:
+                result = line.split(" rng-bit-generator(")[0].split("=", 1)[1]
+                dims = [d for t, d in C._SHAPE.findall(result) if t != "u64"]
+                shapes.append([int(x) for x in dims[-1].split(",") if x])
+    return shapes
+
+
+@pytest.mark.slow  # compiles in a fresh process (libtpu reads its flags once): ~20 s each
+@pytest.mark.parametrize("remat", [False, True])
+def test_rbg_dropout_masks_are_drawn_for_the_chips_share_of_the_batch_only(tmp_path, remat):
+    """With rbg keys XLA had drawn each dropout mask for the whole batch on every chip and
+    kept a slice; step.libtpu_flags makes the partitioner split the draw (data=4, batch 4:
+    one example a chip). With remat the backward pass draws the masks again: split alike.
+    In a subprocess, as training runs: libtpu reads its flags once."""
+    hlo_dir = tmp_path / "hlo"
+    args = [sys.executable, "-m", "mta_jax.compile", "--config=configs/demo.py",
+            f"--topology={TOPOLOGY}", "--nodecode", f"--hlo_dir={hlo_dir}",
+            "--config.stages=('stage1',)", "--config.train.rng_impl=rbg",
+            f"--config.model.remat={remat}"]
+    args += [f"--config.{k}={v}" for k, v in {**tiny.OVERRIDES, **SHAPE}.items()]
+    proc = subprocess.run(args, cwd=ROOT, env=tiny.env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert step_lib.RBG_SPMD_FLAG in proc.stdout  # the header names the flag
+    shapes = _rng_bit_generator_shapes(hlo_dir / "stage1_train.hlo")
+    # Masks of [batch, ...] activations: attention [b, heads, q, k], FFN [b, l, f], and the
+    # MTA adapters' [E, b, l, f]; each drawn for 1 example, never for the batch of 4.
+    batch_dim = lambda s: s[1] if s[0] == 5 else s[0]  # 5 tasks: [E, b, ...]
+    assert shapes and all(batch_dim(s) == 1 for s in shapes), shapes
