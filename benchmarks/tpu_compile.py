@@ -46,7 +46,8 @@ def cell_name(slice_: str, model: str, mesh: str, stage: str) -> str:
 
 def run_cell(directory: str, slice_: str, model: str, mesh: str, stage: str) -> dict:
     """Compiles one cell in its own process; returns what the cell's JSON holds. A process
-    that dies (libtpu crashed) leaves {"crashed": <signal or exit code>, "log": <tail>}."""
+    that dies (libtpu crashed, or the host ran out of memory) leaves {"crashed": <signal or
+    exit code>, "log": <tail>}."""
     topology, chips, tensor = SLICES[slice_]
     name = cell_name(slice_, model, mesh, stage)
     out, log = os.path.join(directory, name + ".json"), os.path.join(directory, name + ".log")
@@ -63,8 +64,8 @@ def run_cell(directory: str, slice_: str, model: str, mesh: str, stage: str) -> 
         with open(log) as f:
             tail = f.read()[-2000:]
         crash = signal.Signals(-rc).name if rc < 0 else f"exit {rc}"
-        if rc == 128 + signal.SIGSEGV:
-            crash = "SIGSEGV"
+        if crash == "SIGKILL":  # what the kernel's OOM killer sends
+            crash = "SIGKILL: out of host memory?"
         with open(out, "w") as f:
             json.dump({"crashed": crash, "log": tail, "wall_s": wall}, f, indent=1)
     with open(out) as f:
@@ -78,7 +79,7 @@ def _cell_text(result: dict) -> str:
     if result is None:
         return "-"
     if "crashed" in result:
-        return f"libtpu crashed ({result['crashed']})"
+        return f"compile died ({result['crashed']})"
     step = result["steps"][0]
     total = step["memory"]["total"] / GiB
     if not step["fits"]:
@@ -91,7 +92,8 @@ def _cell_text(result: dict) -> str:
 
 
 def _compile_seconds(results) -> str:
-    secs = [r["steps"][0].get("compile_s", 0) for r in results if r and "steps" in r]
+    """CPU seconds of each stage's compile (on a shared host less noisy than wall seconds)."""
+    secs = [r["steps"][0].get("compile_cpu_s", 0) for r in results if r and "steps" in r]
     return " + ".join(f"{s:.0f}" for s in secs) + " s" if secs else "-"
 
 
@@ -113,12 +115,12 @@ def table(directory: str, slices=tuple(SLICES), models=tuple(MODELS)) -> str:
             continue
         lines += [f"**{slice_}** (`{topology}`, {chips} chips), batch {PER_CHIP_BATCH * chips}:",
                   "", "| model | mesh | stage one: memory/device, step >= (bound), MFU <= | "
-                  "stage two | compile |", "| --- | --- | --- | --- | --- |"]
+                  "stage two | compile (CPU s) |", "| --- | --- | --- | --- | --- |"]
         for (model, mesh), pair in cells.items():
             if not any(pair):
                 continue
-            first = next(r for r in pair if r)
-            mesh_text = first["mesh"] if "mesh" in first else mesh
+            mesh_text = {"data": f"data={chips}", "fsdp": f"fsdp={chips}",
+                         "fsdp_tensor": f"fsdp={chips // tensor} x tensor={tensor}"}[mesh]
             lines.append(f"| {MODELS[model][1]} | {mesh_text} | {_cell_text(pair[0])} | "
                          f"{_cell_text(pair[1])} | {_compile_seconds(pair)} |")
         lines.append("")
