@@ -138,16 +138,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     pick = lambda text, known: [x for x in text.split(",") if x] or list(known)
     slices, models = pick(args.slices, SLICES), pick(args.models, MODELS)
+    meshes, stages = pick(args.meshes, MESHES), pick(args.stages, STAGES)
     for name, chosen, known in (("slices", slices, SLICES), ("models", models, MODELS),
-                                ("meshes", pick(args.meshes, MESHES), MESHES),
-                                ("stages", pick(args.stages, STAGES), STAGES)):
+                                ("meshes", meshes, MESHES), ("stages", stages, STAGES)):
         unknown = set(chosen) - set(known)
         if unknown:
             p.error(f"--{name}: unknown {', '.join(sorted(unknown))}; one of {', '.join(known)}")
     os.makedirs(args.dir, exist_ok=True)
     if not args.table_only:
-        grid = [(s, m, mesh, st) for s in slices for m in models
-                for mesh in pick(args.meshes, MESHES) for st in pick(args.stages, STAGES)]
+        grid = [(s, m, mesh, st) for s in slices for m in models for mesh in meshes
+                for st in stages]
         todo = [c for c in grid if not os.path.exists(
             os.path.join(args.dir, cell_name(*c) + ".json"))]
         print(f"{len(grid)} cells, {len(grid) - len(todo)} already in {args.dir}", flush=True)
