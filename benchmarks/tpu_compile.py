@@ -5,7 +5,8 @@
     python -m benchmarks.tpu_compile --dir tpu_cells --table_only    # the Markdown from the cells
 
 Each cell (one stage of one model on one mesh of one slice) is one `python -m mta_jax.compile
-... --nodecode --out <dir>/<cell>.json` process, run one after another, so a compiler crash
+... --nodecode --out <dir>/<cell>.json --hlo_dir <dir>/<cell>_hlo` process (the compiled
+program's text is kept for a closer look), run one after another, so a compiler crash
 loses one cell, and a rerun skips the cells already in `--dir` (delete a cell's files to
 redo it). The batch fills the slice: 8 sequences per chip at the authors' 512 / 64 tokens.
 Every time in the table is a roofline lower bound from published chip figures, never a
@@ -54,7 +55,7 @@ def run_cell(directory: str, slice_: str, model: str, mesh: str, stage: str) -> 
     cmd = [sys.executable, "-m", "mta_jax.compile", f"--config={MODELS[model][0]}",
            f"--topology={topology}", f"--config.stages=('{stage}',)",
            f"--config.train.batch_size={PER_CHIP_BATCH * chips}", *mesh_flags(mesh, tensor),
-           "--nodecode", f"--out={out}"]
+           "--nodecode", f"--out={out}", f"--hlo_dir={os.path.join(directory, name + '_hlo')}"]
     start = time.perf_counter()
     with open(log, "w") as f:
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT,
@@ -85,6 +86,8 @@ def _cell_text(result: dict) -> str:
     if not step["fits"]:
         how = "no compile" if "note" in step and "not compiled" in step["note"] else "compiled"
         return f"**does not fit**: {total:.1f} GiB ({how})"
+    if "hbm_bytes" not in step["cost"]:  # compiled before the HBM traffic was told apart
+        return f"{total:.2f} GiB, step not derived (compiled by an older mta_jax.compile)"
     r = step["roofline"]
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
     bound = {"compute": "FLOPs", "hbm": "HBM", "ici": "ICI"}[r["bound"]]

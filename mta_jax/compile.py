@@ -18,12 +18,21 @@ Per stage it prints (and --out writes as JSON):
                       from their shardings)
   collectives         all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute
                       in the compiled HLO: how many, and the bytes they carry per step
-  compiler cost       FLOPs and bytes accessed per device (compiled.cost_analysis())
-  roofline            three lower bounds on the step time: FLOPs / the chip's bf16 peak, bytes
-                      accessed / HBM bandwidth, collective traffic / ICI bandwidth. The step
-                      cannot be faster than the largest; the MFU that bound implies (model
-                      FLOPs of mta_jax.flops) is the most the step could reach. Estimates from
-                      published chip figures (flops.TPU_CHIPS), never measurements.
+  cost per device     FLOPs and bytes of one step as it runs (mta_jax.hlo.costs): XLA's cost
+                      analysis counts a loop body once, so the later iterations of the
+                      windowed-einsum loops that fsdp's sharded matmuls compile to are added;
+                      and its bytes accessed count every operand and result in any memory, so
+                      the HBM traffic is estimated apart, from the arrays the compiled program
+                      keeps in HBM (memory space 0) and what it moves to and from VMEM
+  roofline            three lower bounds on the step time: FLOPs / the chip's bf16 peak, HBM
+                      traffic / HBM bandwidth, collective traffic / ICI bandwidth. The step
+                      cannot be faster than the largest; the MFU that bound implies is the
+                      most the step could reach. Its model FLOPs are the products the step
+                      needs, read from its program less remat's recomputation: with every
+                      weight trained, mta_jax.flops' count to the FLOP; with the backbone
+                      frozen (stage two) less, as no gradient is taken for frozen weights or
+                      below the lowest trained block. Estimates from published chip figures
+                      (flops.TPU_CHIPS), never measurements.
 A stage that does not fit exits 1 with one line: the stage, the bytes it needs, the HBM, and
 the mesh change (fsdp across the slice, remat, gradient accumulation) estimated to fit.
 """
@@ -42,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mta_jax import build, cli, evaluation, flops, optim, sharding, storage
+from mta_jax import build, cli, evaluation, flops, hlo, optim, sharding, storage
 from mta_jax import step as step_lib
 from mta_jax.errors import ShardingError
 
@@ -156,18 +165,10 @@ def compile_decoder(setup: build.Setup, name: str):
 
 # ----------------------------------------------------------------------------- the compiled HLO
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
-                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
-                "c64": 8, "c128": 16}
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) +
                  r")(-start)?\(")
-_SHAPE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
-
-
-def _shape_bytes(type_text: str) -> list[int]:
-    """'(f32[8,128]{1,0}, bf16[4])' -> [4096, 8]: the bytes of each array in an HLO type."""
-    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
-            for dtype, dims in _SHAPE.findall(type_text) if dtype in _DTYPE_BYTES]
+_SHAPE = hlo._ARRAY
+_shape_bytes = hlo.shape_bytes
 
 
 def _group_size(line: str, num_devices: int) -> int:
@@ -193,7 +194,10 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
     """
     out = {k: {"count": 0, "bytes": 0.0, "traffic": 0.0} for k in COLLECTIVES}
     seen = set()
-    for line in hlo_text.splitlines():
+    module = hlo.Module(hlo_text)
+    runs = module.executions()
+    lines = ((line, runs.get(c, 1)) for c, body in module.computations.items() for line in body)
+    for line, times in lines:
         m = _OP.match(line)
         if not m:
             continue
@@ -212,18 +216,27 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
                  "all-to-all": (n - 1) / n, "reduce-scatter": n - 1,
                  "collective-permute": 1.0}[kind]
         entry = out[kind]
-        entry["count"] += 1
-        entry["bytes"] += nbytes
-        entry["traffic"] += nbytes * share if n > 1 or kind == "collective-permute" else 0.0
+        entry["count"] += times
+        entry["bytes"] += nbytes * times
+        entry["traffic"] += nbytes * share * times if n > 1 or kind == "collective-permute" else 0.0
     return out
 
 
-def _cost(compiled) -> dict[str, float]:
+def _cost(compiled, hlo_text: str) -> dict[str, float]:
+    """FLOPs and bytes per device of one step as it runs (`hlo.costs`): the compiler's count
+    with the loop iterations it leaves out added, and the HBM share of the traffic."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list before jax 0.4.30
     # Never "optimal_seconds": for a whole train step it came out negative.
-    return {"flops": float(cost.get("flops", 0.0)),
-            "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+    raw_flops, raw_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    run = hlo.costs(hlo_text)
+    return {"flops": raw_flops + run["flops_left_out"],
+            "bytes_accessed": raw_bytes + run["bytes_left_out"],
+            "hbm_bytes": float(run["hbm_bytes"]), "matmul_flops": float(run["matmul_flops"]),
+            "remat_flops": float(run["remat_flops"]),
+            "needed_flops": float(run["matmul_flops"] - run["remat_flops"]),
+            "compiler_flops": raw_flops, "compiler_bytes_accessed": raw_bytes,
+            "loops": run["loops"], "unknown_trip_counts": run["unknown_trip_counts"]}
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -239,14 +252,23 @@ def _memory(compiled) -> dict[str, int]:
 # ----------------------------------------------------------------------------- one stage
 
 def roofline(cost: dict, traffic: float, chip: flops.Chip, model_flops_per_device: float) -> dict:
-    """Lower bounds on the step time (s) and the MFU the largest of them would imply."""
+    """Lower bounds on the step time (s) and the MFU the largest of them would imply: the
+    model FLOPs the step needs (per device) over that time and the chip's peak.
+
+    compute: the step's FLOPs over the chip's bf16 peak; hbm: its HBM traffic (`hlo.costs`'
+    estimate from the memory spaces of the compiled program) over the HBM bandwidth; ici: what
+    its collectives send over the ICI bandwidth. `all_bytes_s` is the compiler's bytes
+    accessed over the HBM bandwidth: what the step would take if every byte XLA counts, on-chip
+    VMEM traffic included, went through HBM (the figure these tables showed until 2026-12-03;
+    not a bound)."""
     bounds = {"compute_s": cost["flops"] / chip.peak_bf16,
-              "hbm_s": cost["bytes_accessed"] / chip.hbm_bandwidth,
+              "hbm_s": cost["hbm_bytes"] / chip.hbm_bandwidth,
               "ici_s": traffic / chip.ici_bandwidth}
     bound = max(bounds, key=bounds.get)
     step_s = bounds[bound]
     mfu = model_flops_per_device / (step_s * chip.peak_bf16) if step_s > 0 else None
-    return {**bounds, "step_s": step_s, "bound": bound[:-2], "mfu": mfu}
+    return {**bounds, "step_s": step_s, "bound": bound[:-2], "mfu": mfu,
+            "all_bytes_s": cost["bytes_accessed"] / chip.hbm_bandwidth}
 
 
 class _Clock:
@@ -288,19 +310,24 @@ def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int
             raise
         return _unfit(report, clock, state, used, str(e).splitlines()[0][:300])
     report.update(clock.read())
-    hlo = compiled.as_text()
-    _save_hlo(hlo_dir, f"{name}_train.hlo", hlo)
+    hlo_text = compiled.as_text()
+    _save_hlo(hlo_dir, f"{name}_train.hlo", hlo_text)
     memory = {**_memory(compiled), **state}
     memory["other_arguments"] = memory["arguments"] - sum(state.values())
-    comms = collectives(hlo, mesh.devices.size)
-    cost = _cost(compiled)
+    comms = collectives(hlo_text, mesh.devices.size)
+    cost = _cost(compiled, hlo_text)
     b, s, t = (config.train.batch_size, config.data.max_source_length,
                config.data.max_target_length)
     model_flops = flops.model_flops_per_step(stage.model.config, b, s, t)
+    # MFU's numerator: the products the step needs, read from its program (remat's
+    # recomputation left out). With every weight trained that is mta_jax.flops' count (a test
+    # checks it to the FLOP); that count assumes it, so a frozen backbone would overstate it.
+    needed = cost["needed_flops"] if not cost["unknown_trip_counts"] else \
+        model_flops / mesh.devices.size
     report.update(memory=memory, fits=memory["total"] <= hbm_bytes, collectives=comms,
                   cost=cost, model_flops=model_flops,
                   roofline=roofline(cost, sum(c["traffic"] for c in comms.values()), chip,
-                                    model_flops / mesh.devices.size))
+                                    needed))
     return report
 
 
@@ -463,8 +490,14 @@ def _describe(report: dict, hbm: int) -> str:
         lines.append(f"  collectives    {', '.join(comms) or 'none'}")
     if "cost" in report:
         c, r = report["cost"], report["roofline"]
-        lines.append(f"  compiler       {c['flops'] / 1e12:.4g} TFLOP, "
-                     f"{c['bytes_accessed'] / 1e9:.4g} GB accessed per device")
+        loops = (f"; {c['loops']} loops, their later iterations added: "
+                 f"+{(c['flops'] - c['compiler_flops']) / 1e12:.3g} TFLOP, "
+                 f"+{(c['bytes_accessed'] - c['compiler_bytes_accessed']) / 1e9:.3g} GB"
+                 if c["loops"] else "")
+        lines.append(f"  per device     {c['flops'] / 1e12:.4g} TFLOP ({c['needed_flops'] / 1e12:.4g} "
+                     f"in the products the step needs); {c['hbm_bytes'] / 1e9:.4g} GB "
+                     f"HBM traffic (est.) of {c['bytes_accessed'] / 1e9:.4g} GB the compiler "
+                     f"counts in all memories{loops}")
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
         lines.append(f"  roofline       lower bounds: compute {1e3 * r['compute_s']:.3g} ms, "
                      f"HBM {1e3 * r['hbm_s']:.3g} ms, ICI {1e3 * r['ici_s']:.3g} ms -> step >= "

@@ -74,6 +74,30 @@ def test_both_stages_and_the_decoder_compile_for_the_slice(data_parallel):
         roof = r["roofline"]
         assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"], roof["ici_s"]) > 0
         assert 0 < roof["mfu"] < 1
+        # HBM traffic leaves out what stays in VMEM: less than all the bytes XLA counts.
+        assert 0 < r["cost"]["hbm_bytes"] < r["cost"]["bytes_accessed"]
+
+
+@pytest.mark.slow  # compiles for the TPU slice: over 3 s on 2 cores
+def test_mfu_counts_the_products_each_stage_needs_on_any_mesh_with_or_without_remat(
+        data_parallel, fsdp):
+    # Every weight trained: the products of the compiled program, loops counted as they run,
+    # are mta_jax.flops' count to the FLOP, a quarter of the batch's on each of the 4 chips.
+    for result in (data_parallel, fsdp):
+        r = _step(result, "stage1")
+        assert r["cost"]["unknown_trip_counts"] == 0 and r["cost"]["remat_flops"] == 0
+        assert r["cost"]["matmul_flops"] * 4 == r["cost"]["needed_flops"] * 4 == r["model_flops"]
+    # Stage two freezes the backbone: no gradient for its weights, none below the MTA blocks.
+    one, two = _step(data_parallel, "stage1"), _step(data_parallel, "stage2")
+    assert two["cost"]["needed_flops"] < 0.9 * two["model_flops"] / 4
+    assert two["roofline"]["mfu"] == pytest.approx(
+        two["cost"]["needed_flops"] / two["roofline"]["step_s"] / C.flops.TPU_CHIPS["v5e"].peak_bf16)
+    # Remat recomputes forward products in the backward pass: more FLOPs, the same need.
+    remat = _compile(**{"model.remat": True})
+    for name, plain in (("stage1", one), ("stage2", two)):
+        r = _step(remat, name)
+        assert r["cost"]["matmul_flops"] > plain["cost"]["matmul_flops"]
+        assert r["cost"]["needed_flops"] == plain["cost"]["needed_flops"]
 
 
 @pytest.mark.slow  # compiles for the TPU slice: over 3 s on 2 cores

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 LAYERS = [
     ["errors"],
     ["storage"],
-    ["task_types", "optim", "plots", "train_log", "models.ffn", "flops"],
+    ["task_types", "optim", "plots", "train_log", "models.ffn", "flops", "hlo"],
     ["models.t5", "scoring", "checkpoint", "sharding", "cli", "data", "artifact_format"],
     ["models.mta", "models.moe", "models.adapters", "hf", "decoding", "torch"],
     ["build", "step", "evaluation", "artifact"],
