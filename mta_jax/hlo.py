@@ -1,14 +1,17 @@
-"""Reading a compiled XLA module's text: its computations, how often each runs, its matmul FLOPs.
+"""Reading a compiled XLA module's text: how often each computation runs, the matmul FLOPs of a
+step as it runs, and its traffic to HBM apart from what stays on chip.
 
-`compiled.cost_analysis()` counts every instruction once, including those in a `while` body.
-XLA's SPMD partitioner turns a matmul whose weight is sharded (fsdp) into a *windowed einsum*:
-a loop whose body multiplies the local activations by one shard of the weight while the next
-shard arrives by collective-permute, n/2 iterations of two products for n shards. The cost
-analysis then counts one iteration of it: for T5-small under fsdp=8 on a v5e-8 it reported
-18% fewer FLOPs than the same step replicated, which does the same matmuls. This module finds
-each loop's trip count and each computation's executions per step, so that `mta_jax.compile`
-can add the iterations the cost analysis left out (`loop_flops`) and weigh the collectives
-inside loops by how often they run.
+Two of `compiled.cost_analysis()`'s figures do not mean what a roofline needs:
+- It counts every instruction once, including those in a `while` body. XLA's SPMD partitioner
+  turns a matmul whose weight is sharded (fsdp) into a *windowed einsum*: a loop whose body
+  multiplies the local activations by one shard of the weight while the next shard arrives by
+  collective-permute. For T5-small under fsdp=8 on a v5e-8 the cost analysis reported 19%
+  fewer FLOPs than for the same step replicated, which does the same matmuls. `Module` finds
+  each loop's trip count and each computation's executions per step.
+- Its "bytes accessed" are every operand and result of every instruction, in any memory. On a
+  TPU most intermediate values live in the on-chip VMEM (memory space 1, `S(1)` in a layout);
+  `traffic_bytes(..., space=0)` counts what is read from and written to HBM.
+`costs` gathers both, and which products remat recomputes, for `mta_jax.compile`.
 
 Module text (`compiled.as_text()`): computations `%name (params) -> type {` ... `}`, the entry
 marked `ENTRY`; an instruction per line, `%name = type opcode(operands), attributes`, operands
@@ -174,9 +177,8 @@ def _convolution_flops(module: Module, out_dims: list[int], rest: str) -> int:
     per group x output features x input batch x, per spatial dimension, the (output, window)
     position pairs that land on the input rather than its padding."""
     operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-    lhs, rhs = module.dims(operands[0]), module.dims(operands[1])
-    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest)
-    lhs_l, rhs_l, out_l = labels.groups()
+    lhs = module.dims(operands[0])
+    lhs_l, _, out_l = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", rest).groups()
     groups = int(re.search(r"feature_group_count=(\d+)", rest).group(1)) \
         if "feature_group_count" in rest else 1
     batch_groups = int(re.search(r"batch_group_count=(\d+)", rest).group(1)) \
