@@ -310,6 +310,11 @@ def make_setup(config: ml_collections.ConfigDict, *, training: bool = True,
     if mesh is None:
         sharding.maybe_initialize_distributed()
         mesh = sharding.make_mesh(config.mesh)
+    if training:  # each micro-batch is split over the mesh; rows it cannot split are recomputed
+        accum = config.train.grad_accum_steps
+        sharding.check_batch_size(config.train.batch_size // accum, mesh, name=(
+            f"a micro-batch (train.batch_size={config.train.batch_size} / "
+            f"train.grad_accum_steps={accum})"))
     decoder_start = None  # shapes only: the start token does not change a shape
     if shapes_only:
         pretrained = ShapesOnly(config.init_from) if config.init_from else None

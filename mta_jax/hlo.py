@@ -102,7 +102,10 @@ class Module:
         return None
 
     def _tuple_index(self, name: str) -> Optional[int]:
-        """i when the instruction is get-tuple-element(parameter, index=i)."""
+        """i when the instruction is get-tuple-element(parameter, index=i) (or a copy of one:
+        the gradient-accumulation loop's counter is copied before its increment)."""
+        while name in self.ops and self.ops[name][0] == "copy":
+            name = self._operands(name)[0]
         if name in self.ops and self.ops[name][0] == "get-tuple-element":
             index = re.search(r"index=(\d+)", self.ops[name][1])
             return int(index.group(1)) if index else None

@@ -28,7 +28,7 @@ SHAPE = {"model.vocab_size": 32768, "train.batch_size": 4, "data.max_source_leng
 
 
 def _compile(decode=False, hbm_gib=None, hlo_dir=None, **changes):
-    config = tiny.tiny_config(**SHAPE, **changes)
+    config = tiny.tiny_config(**{**SHAPE, **changes})
     return C.compile_config(config, TOPOLOGY, decode=decode, hbm_gib=hbm_gib, hlo_dir=hlo_dir,
                             log=lambda _: None)
 
@@ -92,6 +92,17 @@ def test_mfu_counts_the_products_each_stage_needs_on_any_mesh_with_or_without_re
     assert two["cost"]["needed_flops"] < 0.9 * two["model_flops"] / 4
     assert two["roofline"]["mfu"] == pytest.approx(
         two["cost"]["needed_flops"] / two["roofline"]["step_s"] / C.flops.TPU_CHIPS["v5e"].peak_bf16)
+    # Gradient accumulation runs a micro-batch's products in a loop: twice the batch in two
+    # micro-batches is twice the products. A micro-batch the mesh cannot split is refused
+    # (each chip would compute rows that are not its own).
+    accumulated = _step(_compile(stages=("stage1",), **{"train.grad_accum_steps": 2,
+                                                         "train.batch_size": 8}), "stage1")
+    assert accumulated["cost"]["unknown_trip_counts"] == 0
+    assert accumulated["cost"]["needed_flops"] == 2 * one["cost"]["needed_flops"]
+    with pytest.raises(ShardingError, match=r"a micro-batch \(train.batch_size=4 / "
+                                            r"train.grad_accum_steps=2\)=2 is not divisible by "
+                                            r"the data-parallel size 4"):
+        _compile(stages=("stage1",), **{"train.grad_accum_steps": 2})
     # Remat recomputes forward products in the backward pass: more FLOPs, the same need.
     remat = _compile(**{"model.remat": True})
     for name, plain in (("stage1", one), ("stage2", two)):

@@ -77,6 +77,15 @@ def test_loop_iterations_the_cost_analysis_counts_once_are_added():
     assert permutes["count"] == 4 and permutes["bytes"] == 4 * 32 * 64 * 2
 
 
+def test_a_counter_copied_before_its_increment_is_still_read():
+    # jax's scan (gradient accumulation) copies the counter, and its start, before use.
+    text = LOOP.replace("%next = s32[] add(%i, %step)",
+                        "%i.copy = s32[] copy(%i)\n  %next = s32[] add(%i.copy, %step)")
+    text = text.replace("tuple(%zero, %x.0, %w.0)", "tuple(%zero.copy, %x.0, %w.0)").replace(
+        "%zero = s32[] constant(0)", "%zero = s32[] constant(0)\n  %zero.copy = s32[] copy(%zero)")
+    assert hlo.Module(text).executions()["body"] == 4
+
+
 def test_an_unreadable_loop_is_counted_once_and_said():
     text = LOOP.replace("%step = s32[] constant(2)", "%step = s32[] parameter(1)")
     out = hlo.costs(text)
