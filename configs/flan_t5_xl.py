@@ -3,8 +3,9 @@
 MTA in block 11 of each stack, as the T5-large recipe. Even split over a whole slice the
 parameters and Adam moments take 16 bytes each, so the recommended mesh is fsdp across the
 slice with rematerialised blocks (README, "Compile for a TPU slice"). Compiled for a v5e-8 at
-batch 64 (512/64 tokens), stage one needs 16.3 GiB a chip, just over a v5e's 16: there add
---config.train.grad_accum_steps=2 (the compile's own suggestion); stage two needs 9.10 GiB.
+batch 64 (512/64 tokens), stage one needs 16.3 GiB a chip, just over a v5e's 16; with
+--config.train.grad_accum_steps=2 (the compile's own suggestion) 15.17 GiB, which fits with
+little headroom; stage two needs 9.10 GiB. On a v4-8 (32 GiB) both stages fit at batch 32.
 """
 from configs import t5_base
 
