@@ -167,9 +167,6 @@ def compile_decoder(setup: build.Setup, name: str):
 
 _OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) +
                  r")(-start)?\(")
-_SHAPE = hlo._ARRAY
-_shape_bytes = hlo.shape_bytes
-
 
 def _group_size(line: str, num_devices: int) -> int:
     """Devices per replica group of a collective's HLO line (all devices when not given)."""
@@ -184,7 +181,7 @@ def _group_size(line: str, num_devices: int) -> int:
     return len(listed.group(1).split(",")) if listed else num_devices
 
 
-def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
+def collectives(hlo_text: "str | hlo.Module", num_devices: int) -> dict[str, dict[str, float]]:
     """{kind: {count, bytes, traffic}} of the collectives in a compiled module's text.
 
     bytes: the arrays each collective produces on a device (of an asynchronous `-start` op,
@@ -194,9 +191,9 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
     """
     out = {k: {"count": 0, "bytes": 0.0, "traffic": 0.0} for k in COLLECTIVES}
     seen = set()
-    module = hlo.Module(hlo_text)
-    runs = module.executions()
-    lines = ((line, runs.get(c, 1)) for c, body in module.computations.items() for line in body)
+    module = hlo_text if isinstance(hlo_text, hlo.Module) else hlo.Module(hlo_text)
+    lines = ((line, module.runs.get(c, 1)) for c, body in module.computations.items()
+             for line in body)
     for line, times in lines:
         m = _OP.match(line)
         if not m:
@@ -209,7 +206,7 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
             if (kind, channel.group(1)) in seen:
                 continue
             seen.add((kind, channel.group(1)))
-        sizes = _shape_bytes(type_text)
+        sizes = hlo.shape_bytes(type_text)
         nbytes = float(max(sizes) if is_async and kind != "all-reduce" else sum(sizes))
         n = _group_size(line, num_devices)
         share = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n,
@@ -222,14 +219,14 @@ def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def _cost(compiled, hlo_text: str) -> dict[str, float]:
+def _cost(compiled, module: hlo.Module) -> dict[str, float]:
     """FLOPs and bytes per device of one step as it runs (`hlo.costs`): the compiler's count
     with the loop iterations it leaves out added, and the HBM share of the traffic."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list before jax 0.4.30
     # Never "optimal_seconds": for a whole train step it came out negative.
     raw_flops, raw_bytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    run = hlo.costs(hlo_text)
+    run = hlo.costs(module)
     return {"flops": raw_flops + run["flops_left_out"],
             "bytes_accessed": raw_bytes + run["bytes_left_out"],
             "hbm_bytes": float(run["hbm_bytes"]), "matmul_flops": float(run["matmul_flops"]),
@@ -314,8 +311,9 @@ def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int
     _save_hlo(hlo_dir, f"{name}_train.hlo", hlo_text)
     memory = {**_memory(compiled), **state}
     memory["other_arguments"] = memory["arguments"] - sum(state.values())
-    comms = collectives(hlo_text, mesh.devices.size)
-    cost = _cost(compiled, hlo_text)
+    module = hlo.Module(hlo_text)  # read once: collectives and cost both count loops in it
+    comms = collectives(module, mesh.devices.size)
+    cost = _cost(compiled, module)
     b, s, t = (config.train.batch_size, config.data.max_source_length,
                config.data.max_target_length)
     model_flops = flops.model_flops_per_step(stage.model.config, b, s, t)

@@ -27,23 +27,38 @@ import numpy as np
 
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")  # at column 0
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
+# dtype, dimensions and layout of each array in an HLO type; the layout's `S(n)` names its memory
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
                 "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
                 "c64": 8, "c128": 16}
 
 
+def _arrays(type_text: str) -> list[tuple[int, int]]:
+    """(bytes, memory space) of each array in an HLO type. Space 0 (no `S(n)`) is HBM; on TPUs
+    1 is the on-chip vector memory (VMEM) that memory-space assignment moves values into, the
+    small ones are scalar and semaphore memories."""
+    out = []
+    for dtype, dims, layout in _ARRAY.findall(type_text):
+        if dtype in _DTYPE_BYTES:
+            space = re.search(r"S\((\d+)\)", layout or "")
+            out.append((math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype],
+                        int(space.group(1)) if space else 0))
+    return out
+
+
 def shape_bytes(type_text: str) -> list[int]:
     """'(f32[8,128]{1,0}, bf16[4])' -> [4096, 8]: the bytes of each array in an HLO type."""
-    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
-            for dtype, dims in _ARRAY.findall(type_text) if dtype in _DTYPE_BYTES]
+    return [nbytes for nbytes, _ in _arrays(type_text)]
 
 
 class Module:
-    """The computations of one HLO module and the type of every instruction in it."""
+    """The computations of one HLO module, the type of every instruction in it, and how often
+    each computation runs (`runs`, with `fused` and `unknown_trip_counts`: see executions)."""
 
     def __init__(self, text: str):
-        self.computations: dict[str, list[str]] = {}
+        self.computations: dict[str, list[str]] = {}  # name -> its lines
+        self._parsed: dict[str, list[tuple[str, str, str, str]]] = {}
         self.entry: Optional[str] = None
         self.types: dict[str, str] = {}
         self.ops: dict[str, tuple[str, str]] = {}  # name -> (opcode, what follows it)
@@ -52,7 +67,7 @@ class Module:
             head = _COMPUTATION.match(line) if line[:1] in ("%", "E") else None
             if head:
                 current = head.group(2)
-                self.computations[current] = []
+                self.computations[current], self._parsed[current] = [], []
                 if head.group(1):
                     self.entry = current
                 continue
@@ -64,19 +79,19 @@ class Module:
                     continue
                 current = "<top>"
                 self.computations.setdefault(current, [])
+                self._parsed.setdefault(current, [])
                 self.entry = self.entry or current
             self.computations[current].append(line)
             m = _INSTRUCTION.match(line)
             if m:
+                self._parsed[current].append(m.groups())
                 self.types[m.group(1)] = m.group(2)
                 self.ops[m.group(1)] = (m.group(3), m.group(4))
+        self.runs = self.executions()
 
-    def instructions(self, computation: str):
+    def instructions(self, computation: str) -> list[tuple[str, str, str, str]]:
         """(name, type, opcode, rest of line) of each instruction of a computation."""
-        for line in self.computations.get(computation, ()):
-            m = _INSTRUCTION.match(line)
-            if m:
-                yield m.groups()
+        return self._parsed.get(computation, [])
 
     def dims(self, name: str) -> list[int]:
         """The dimensions of an instruction's (first) array."""
@@ -86,10 +101,15 @@ class Module:
     def _operands(self, name: str) -> list[str]:
         return re.findall(r"%([\w.\-]+)", self.ops[name][1].split(")")[0])
 
-    def _constant(self, name: str) -> Optional[int]:
-        """The integer an instruction holds when it is a scalar constant (or a copy of one)."""
+    def _through_copies(self, name: str) -> str:
+        """The instruction a chain of copies starts from (scan copies its counter and start)."""
         while name in self.ops and self.ops[name][0] == "copy":
             name = self._operands(name)[0]
+        return name
+
+    def _constant(self, name: str) -> Optional[int]:
+        """The integer an instruction holds when it is a scalar constant (or a copy of one)."""
+        name = self._through_copies(name)
         if name not in self.ops or self.ops[name][0] != "constant":
             return None
         value = re.match(r"\s*(-?\d+)\)", self.ops[name][1])
@@ -104,8 +124,7 @@ class Module:
     def _tuple_index(self, name: str) -> Optional[int]:
         """i when the instruction is get-tuple-element(parameter, index=i) (or a copy of one:
         the gradient-accumulation loop's counter is copied before its increment)."""
-        while name in self.ops and self.ops[name][0] == "copy":
-            name = self._operands(name)[0]
+        name = self._through_copies(name)
         if name in self.ops and self.ops[name][0] == "get-tuple-element":
             index = re.search(r"index=(\d+)", self.ops[name][1])
             return int(index.group(1)) if index else None
@@ -147,7 +166,9 @@ class Module:
     def executions(self) -> dict[str, int]:  # also sets .fused and .unknown_trip_counts
         """How many times each computation runs in one execution of the entry: a loop body
         trip-count times its caller, a fused or called computation as often as its caller.
-        Reductions' scalar `to_apply` computations are left out (they hold no matmul)."""
+        Reductions' scalar `to_apply` computations are left out (they hold no matmul).
+        `fused`: the computations fusions call; `unknown_trip_counts`: the loops whose trip
+        count could not be read, each counted as one iteration (as the cost analysis does)."""
         runs: dict[str, int] = {}
         unknown, self.fused = [], set()
 
@@ -216,45 +237,24 @@ def _dot_flops(module: Module, out_dims: list[int], rest: str) -> int:
     return 2 * math.prod(out_dims) * k
 
 
-def matmul_flops(module: Module, computation: str, remat: Optional[bool] = None) -> int:
-    """FLOPs of the convolutions and dots directly in one computation. remat: True counts
-    only the products JAX's remat recomputes in the backward pass (their op_name holds
-    "rematted_computation"), False only the others, None all."""
-    total = 0
+def matmul_flops(module: Module, computation: str) -> tuple[int, int]:
+    """FLOPs of the convolutions and dots directly in one computation: all of them, and those
+    JAX's remat recomputes in the backward pass (their op_name holds "rematted_computation")."""
+    total = recomputed = 0
     for name, _, opcode, rest in module.instructions(computation):
         if opcode not in ("convolution", "dot"):
             continue
-        if remat is not None and ("rematted_computation" in rest) != remat:
-            continue
         count = _convolution_flops if opcode == "convolution" else _dot_flops
-        total += count(module, module.dims(name), rest)
-    return total
+        f = count(module, module.dims(name), rest)
+        total += f
+        recomputed += f if "rematted_computation" in rest else 0
+    return total, recomputed
 
 
 # Instructions that move no data of their own (views, tuples, loop plumbing).
 # Control flow moves nothing itself: its bodies' instructions are counted where they run.
 _NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "partition-id",
                "replica-id", "after-all", "iota", "while", "call", "conditional"}
-_ARRAY_LAYOUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?")
-
-
-def _bytes_by_space(type_text: str) -> dict[int, int]:
-    """{memory space: bytes} of the arrays in an HLO type. A layout's `S(n)` names the space:
-    none (0) is HBM; on TPUs 1 is the on-chip vector memory (VMEM) that memory-space
-    assignment moves values into, the small ones are scalar and semaphore memories."""
-    out: dict[int, int] = {}
-    for dtype, dims, layout in _ARRAY_LAYOUT.findall(type_text):
-        if dtype not in _DTYPE_BYTES:
-            continue
-        key = _space_of(layout)
-        out[key] = out.get(key, 0) + math.prod(int(d) for d in dims.split(",") if d) * \
-            _DTYPE_BYTES[dtype]
-    return out
-
-
-def _space_of(layout: str) -> int:
-    space = re.search(r"S\((\d+)\)", layout or "")
-    return int(space.group(1)) if space else 0
 
 
 def traffic_bytes(module: Module, computation: str, space: Optional[int] = None) -> int:
@@ -264,18 +264,16 @@ def traffic_bytes(module: Module, computation: str, space: Optional[int] = None)
     result (a prefetch `copy-start`: the HBM source and the VMEM copy). `space`: only arrays in
     that memory space (0: HBM); None: all of them, as XLA's cost analysis counts bytes."""
     def size(type_text):
-        by_space = _bytes_by_space(type_text)
-        return sum(by_space.values()) if space is None else by_space.get(space, 0)
+        return sum(n for n, where in _arrays(type_text) if space is None or where == space)
 
     total = 0
     for name, type_text, opcode, _ in module.instructions(computation):
         if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
             continue
         if opcode == "slice-start":  # ((source), slice, context): only the slice is read
-            source, piece = _ARRAY_LAYOUT.findall(type_text)[:2]
-            piece_bytes = sum(_bytes_by_space(f"{piece[0]}[{piece[1]}]").values())
-            total += sum(piece_bytes for array in (source, piece)
-                         if space is None or _space_of(array[2]) == space)
+            (_, source), (piece, destination) = _arrays(type_text)[:2]
+            total += sum(piece for where in (source, destination)
+                         if space is None or where == space)
             continue
         total += size(type_text)
         if not opcode.endswith("-start"):
@@ -284,7 +282,7 @@ def traffic_bytes(module: Module, computation: str, space: Optional[int] = None)
     return total
 
 
-def costs(text: str) -> dict:
+def costs(text: "str | Module") -> dict:
     """What one step of a compiled module computes and moves, counted as it runs.
 
     `compiled.cost_analysis()` counts each computation once, so a loop's later iterations are
@@ -304,14 +302,12 @@ def costs(text: str) -> dict:
           HBM (memory space 0), prefetches and evictions included, as they run: an estimate
           of HBM traffic that leaves out what stays in VMEM.
     """
-    module = Module(text)
-    runs = module.executions()
-    flops_once = flops_run = left_bytes = hbm = loops = 0
-    remat = 0
-    for computation, times in runs.items():
-        f = matmul_flops(module, computation)
+    module = text if isinstance(text, Module) else Module(text)
+    flops_once = flops_run = remat = left_bytes = hbm = loops = 0
+    for computation, times in module.runs.items():
+        f, recomputed = matmul_flops(module, computation)
         flops_once, flops_run = flops_once + f, flops_run + f * times
-        remat += times * matmul_flops(module, computation, remat=True)
+        remat += times * recomputed
         if computation in module.fused:
             continue
         hbm += times * traffic_bytes(module, computation, space=0)

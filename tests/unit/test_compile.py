@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from mta_jax import build, sharding
+from mta_jax import build, hlo, sharding
 from mta_jax import step as step_lib
 from mta_jax import compile as C
 from mta_jax.errors import ConfigError, ShardingError
@@ -343,7 +343,7 @@ def _rng_bit_generator_shapes(hlo_path) -> list[list[int]]:
         for line in f:
             if " rng-bit-generator(" in line:
                 result = line.split(" rng-bit-generator(")[0].split("=", 1)[1]
-                dims = [d for t, d in C._SHAPE.findall(result) if t != "u64"]
+                dims = [d for t, d, _ in hlo._ARRAY.findall(result) if t != "u64"]
                 shapes.append([int(x) for x in dims[-1].split(",") if x])
     return shapes
 

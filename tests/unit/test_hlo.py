@@ -52,7 +52,7 @@ ENTRY %main (x.0: bf16[16,32], w.0: bf16[32,64]) -> bf16[32,64] {
 def test_a_loops_trip_count_is_read_from_its_counter_start_step_and_limit():
     module = hlo.Module(LOOP)
     assert module.entry == "main"
-    runs = module.executions()
+    runs = module.runs
     assert runs["main"] == 1 and runs["body"] == 4 and runs["mm"] == 4
     assert module.fused == {"mm"}
     # XLA's own annotation wins; a loop of another form is not guessed at.
@@ -83,7 +83,7 @@ def test_a_counter_copied_before_its_increment_is_still_read():
                         "%i.copy = s32[] copy(%i)\n  %next = s32[] add(%i.copy, %step)")
     text = text.replace("tuple(%zero, %x.0, %w.0)", "tuple(%zero.copy, %x.0, %w.0)").replace(
         "%zero = s32[] constant(0)", "%zero = s32[] constant(0)\n  %zero.copy = s32[] copy(%zero)")
-    assert hlo.Module(text).executions()["body"] == 4
+    assert hlo.Module(text).runs["body"] == 4
 
 
 def test_an_unreadable_loop_is_counted_once_and_said():
