@@ -2,13 +2,16 @@
 
     python -m benchmarks.tpu_compile --dir tpu_cells                 # run the grid, then the table
     python -m benchmarks.tpu_compile --dir tpu_cells --slices v5e-8 --models small,base
+    python -m benchmarks.tpu_compile --dir tpu_cells --slices v5e-32 --meshes data_fsdp
     python -m benchmarks.tpu_compile --dir tpu_cells --table_only    # the Markdown from the cells
 
 Each cell (one stage of one model on one mesh of one slice) is one `python -m mta_jax.compile
 ... --nodecode --out <dir>/<cell>.json --hlo_dir <dir>/<cell>_hlo` process (the compiled
 program's text is kept for a closer look), run one after another, so a compiler crash
 loses one cell, and a rerun skips the cells already in `--dir` (delete a cell's files to
-redo it). The batch fills the slice: 8 sequences per chip at the authors' 512 / 64 tokens.
+redo it). The meshes: data parallelism, fsdp across the slice, fsdp x tensor (2-way, 4-way
+on 32 chips), and on request data x fsdp=8 (fsdp within groups of 8 chips). The batch fills
+the slice: 8 sequences per chip at the authors' 512 / 64 tokens.
 Every time in the table is a roofline lower bound from published chip figures, never a
 measurement. A compile of T5-small takes about a minute on 2 cores, Flan-T5-XL several.
 """
@@ -31,14 +34,23 @@ MODELS = {"small": ("configs/t5_small.py", "T5-small"), "base": ("configs/t5_bas
           "xl": ("configs/flan_t5_xl.py", "T5-3B (Flan-T5-XL)")}
 # name -> (topology, chips, tensor-parallel size of the fsdp x tensor mesh)
 SLICES = {"v5e-8": ("v5e:2x4", 8, 2), "v4-8": ("v4:2x2x1", 4, 2), "v5e-32": ("v5e:4x8", 32, 4)}
-MESHES = ("data", "fsdp", "fsdp_tensor")
+MESHES = ("data", "fsdp", "fsdp_tensor", "data_fsdp")
+GRID_MESHES = MESHES[:3]  # the default grid; data_fsdp on request, for slices over 8 chips
+HYBRID_FSDP = 8  # data_fsdp: fsdp over groups of 8 chips, data parallelism across the groups
 STAGES = ("stage1", "stage2")
 
 
 def mesh_flags(mesh: str, tensor: int) -> list[str]:
-    data, fsdp, tp = {"data": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tensor": (1, -1, tensor)}[mesh]
+    data, fsdp, tp = {"data": (-1, 1, 1), "fsdp": (1, -1, 1), "fsdp_tensor": (1, -1, tensor),
+                      "data_fsdp": (-1, HYBRID_FSDP, 1)}[mesh]
     return [f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}",
             f"--config.mesh.tensor={tp}"]
+
+
+def grid(slices, models, meshes, stages) -> list[tuple[str, str, str, str]]:
+    """The cells to compile, in order; data_fsdp only on slices of over HYBRID_FSDP chips."""
+    return [(s, m, mesh, st) for s in slices for m in models for mesh in meshes for st in stages
+            if mesh != "data_fsdp" or SLICES[s][1] > HYBRID_FSDP]
 
 
 def cell_name(slice_: str, model: str, mesh: str, stage: str) -> str:
@@ -123,7 +135,8 @@ def table(directory: str, slices=tuple(SLICES), models=tuple(MODELS)) -> str:
             if not any(pair):
                 continue
             mesh_text = {"data": f"data={chips}", "fsdp": f"fsdp={chips}",
-                         "fsdp_tensor": f"fsdp={chips // tensor} x tensor={tensor}"}[mesh]
+                         "fsdp_tensor": f"fsdp={chips // tensor} x tensor={tensor}",
+                         "data_fsdp": f"data={chips // HYBRID_FSDP} x fsdp={HYBRID_FSDP}"}[mesh]
             lines.append(f"| {MODELS[model][1]} | {mesh_text} | {_cell_text(pair[0])} | "
                          f"{_cell_text(pair[1])} | {_compile_seconds(pair)} |")
         lines.append("")
@@ -135,7 +148,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", required=True, help="one JSON and one log per cell")
     p.add_argument("--slices", default=",".join(SLICES))
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--meshes", default=",".join(MESHES))
+    p.add_argument("--meshes", default=",".join(GRID_MESHES),
+                   help=f"of {', '.join(MESHES)}; data_fsdp only where a slice has over "
+                        f"{HYBRID_FSDP} chips")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--table_only", action="store_true")
     args = p.parse_args(argv)
@@ -149,11 +164,10 @@ def main(argv=None) -> int:
             p.error(f"--{name}: unknown {', '.join(sorted(unknown))}; one of {', '.join(known)}")
     os.makedirs(args.dir, exist_ok=True)
     if not args.table_only:
-        grid = [(s, m, mesh, st) for s in slices for m in models for mesh in meshes
-                for st in stages]
-        todo = [c for c in grid if not os.path.exists(
+        cells = grid(slices, models, meshes, stages)
+        todo = [c for c in cells if not os.path.exists(
             os.path.join(args.dir, cell_name(*c) + ".json"))]
-        print(f"{len(grid)} cells, {len(grid) - len(todo)} already in {args.dir}", flush=True)
+        print(f"{len(cells)} cells, {len(cells) - len(todo)} already in {args.dir}", flush=True)
         for i, cell in enumerate(todo, 1):
             start = time.perf_counter()
             result = run_cell(args.dir, *cell)

@@ -47,6 +47,7 @@ import sys
 import time
 from typing import Optional
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,6 +55,7 @@ import ml_collections
 from mta_jax import build, cli, evaluation, flops, hlo, optim, sharding, storage
 from mta_jax import step as step_lib
 from mta_jax.errors import ShardingError
+from mta_jax.models import mta
 
 GiB = 2**30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -316,17 +318,34 @@ def train_report(setup: build.Setup, name: str, chip: flops.Chip, hbm_bytes: int
     cost = _cost(compiled, module)
     b, s, t = (config.train.batch_size, config.data.max_source_length,
                config.data.max_target_length)
-    model_flops = flops.model_flops_per_step(stage.model.config, b, s, t)
+    model_flops = analytic_train_flops(stage, b, s, t)
     # MFU's numerator: the products the step needs, read from its program (remat's
-    # recomputation left out). With every weight trained that is mta_jax.flops' count (a test
-    # checks it to the FLOP); that count assumes it, so a frozen backbone would overstate it.
-    needed = cost["needed_flops"] if not cost["unknown_trip_counts"] else \
-        model_flops / mesh.devices.size
+    # recomputation left out). Every weight trained, or only the MTA blocks, that is
+    # mta_jax.flops' count (a test checks both to the FLOP); the count stands in where a
+    # loop's trip count could not be read.
+    needed = cost["needed_flops"] if not cost["unknown_trip_counts"] or model_flops is None \
+        else model_flops / mesh.devices.size
     report.update(memory=memory, fits=memory["total"] <= hbm_bytes, collectives=comms,
-                  cost=cost, model_flops=model_flops,
+                  cost=cost, model_flops=model_flops, devices=mesh.devices.size,
                   roofline=roofline(cost, sum(c["traffic"] for c in comms.values()), chip,
                                     needed))
     return report
+
+
+def analytic_train_flops(stage: build.Stage, batch: int, source: int, target: int
+                         ) -> Optional[int]:
+    """mta_jax.flops' count of one step of `stage`: every weight trained (stage one), or only
+    the MTA blocks (stage two's `trainable="mta"`, the backbone frozen); None for another
+    split, whose products only the compiled program tells."""
+    labels = flax.traverse_util.flatten_dict(dict(stage.labels))
+    trained = {path for path, label in labels.items() if label == optim.TRAINABLE}
+    in_mta = {path for path in labels if "mta" in path}
+    config = stage.model.config
+    if len(trained) == len(labels):
+        return flops.model_flops_per_step(config, batch, source, target)
+    if isinstance(stage.plug, mta.MTAConfig) and trained == in_mta:
+        return flops.train_flops(config, batch, source, target, frozen_backbone=True)
+    return None
 
 
 def _unfit(report: dict, clock: "_Clock", state: dict, total: int, note: str) -> dict:
@@ -492,8 +511,10 @@ def _describe(report: dict, hbm: int) -> str:
                  f"+{(c['flops'] - c['compiler_flops']) / 1e12:.3g} TFLOP, "
                  f"+{(c['bytes_accessed'] - c['compiler_bytes_accessed']) / 1e9:.3g} GB"
                  if c["loops"] else "")
+        count = ("no count for this trained/frozen split" if report["model_flops"] is None else
+                 f"{report['model_flops'] / report['devices'] / 1e12:.4g} by mta_jax.flops")
         lines.append(f"  per device     {c['flops'] / 1e12:.4g} TFLOP ({c['needed_flops'] / 1e12:.4g} "
-                     f"in the products the step needs); {c['hbm_bytes'] / 1e9:.4g} GB "
+                     f"in the products the step needs, {count}); {c['hbm_bytes'] / 1e9:.4g} GB "
                      f"HBM traffic (est.) of {c['bytes_accessed'] / 1e9:.4g} GB the compiler "
                      f"counts in all memories{loops}")
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"

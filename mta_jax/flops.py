@@ -17,6 +17,9 @@ An MTA block replaces (`ffn` adapters) or joins (`bottleneck`) the FFN with the 
 computes: all E in stage one, the k kept ones with `topk_compute="gather"`, plus the shared
 adapters and the gate network (read at the first position) in stage two.
 
+Stage two trains the MTA blocks only: `train_flops(..., frozen_backbone=True)` counts the
+backward products that still have a gradient to carry (`frozen_backbone_backward_flops`).
+
 `model_flops_per_step` says the same with parameter counts (6 x parameters x tokens), the
 form MFU is usually quoted in; the unit test checks both against a count written out by hand.
 `TPU_CHIPS` holds the published per-chip figures (HBM, bf16 peak, HBM and ICI bandwidth) that
@@ -95,9 +98,80 @@ def forward_flops(config, batch: int, source_length: int, target_length: int,
     return (total, parts) if breakdown else total
 
 
-def train_flops(config, batch: int, source_length: int, target_length: int) -> int:
-    """Training-step FLOPs: forward + backward = 3 x forward (every weight trained)."""
-    return 3 * forward_flops(config, batch, source_length, target_length)
+def train_flops(config, batch: int, source_length: int, target_length: int,
+                frozen_backbone: bool = False) -> int:
+    """Training-step FLOPs: forward + backward.
+
+    Every weight trained: 3 x forward. `frozen_backbone`: only the MTA blocks train (stage
+    two's `trainable="mta"`), so the backward pass is `frozen_backbone_backward_flops`.
+    """
+    forward = forward_flops(config, batch, source_length, target_length)
+    if not frozen_backbone:
+        return 3 * forward
+    return forward + frozen_backbone_backward_flops(config, batch, source_length, target_length)
+
+
+def frozen_backbone_backward_flops(config, batch: int, source_length: int,
+                                   target_length: int) -> int:
+    """Backward FLOPs when only the MTA blocks' weights train (the backbone frozen).
+
+    A backward product is needed for a trained weight's gradient, or for the gradient of an
+    activation that a trained weight influences (the gradient has somewhere to go). Below the
+    lowest MTA block of a stack nothing carries a gradient; above it every activation does, so
+    a frozen product costs one product (its input's gradient) and attention's scores and
+    values two. In an MTA block every adapter product has its weight gradient; the adapters'
+    hidden activations carry one; the block's input only when an MTA block lies below it. The
+    decoder's cross-attention keys and values carry gradients when the encoder holds an MTA
+    block, its queries when the decoder's residual stream does (above a decoder MTA block).
+    A test compiles such steps and finds these products in the program to the FLOP.
+    """
+    c, plug = config, config.ffn_plug
+    if plug is None:
+        return 0
+    B, S, T = batch, source_length, target_length
+    d, h, k, f, gated = c.d_model, c.num_heads, c.d_kv, c.d_ff, c.is_gated
+    inner = h * k
+
+    def ffn_sublayer(tokens: int, plugged: bool, carries: bool) -> int:
+        if not plugged:  # a frozen FFN passes its output's gradient down when that is needed
+            return _ffn(tokens, d, f, gated) if carries else 0
+        n = _computed_adapters(plug)
+        width = f if plug.adapter_kind == "ffn" else plug.adapter_dim
+        reads_input = n * 2 * tokens * d * width * (2 if gated and plug.adapter_kind == "ffn" else 1)
+        reads_hidden = n * 2 * tokens * width * d
+        total = reads_input * (2 if carries else 1) + 2 * reads_hidden
+        if plug.adapter_kind != "ffn" and carries:  # the frozen FFN beside the bottlenecks
+            total += _ffn(tokens, d, f, gated)
+        if plug.selector == "start_token":  # its kernel reads the block's input, first position
+            total += 2 * B * d * plug.num_adapters * (2 if carries else 1)
+        if plug.num_shared_adapters:  # the gate reads the adapters' outputs: both products
+            n_out, g = 1 + plug.num_shared_adapters, plug.gate_width(d)
+            total += 2 * (2 * B * (n_out * d) * g + 2 * B * g * n_out)
+        return total
+
+    def self_attention(tokens: int, length: int, carries: bool) -> int:
+        proj, core = _attention(tokens, tokens, length, length, B, d, h, k)
+        return proj + 2 * core if carries else 0
+
+    total, carries = 0, False
+    for i in range(c.num_layers):
+        total += self_attention(B * S, S, carries)
+        plugged = i in plug.layer_indices("encoder", c.num_layers)
+        total += ffn_sublayer(B * S, plugged, carries)
+        carries = carries or plugged
+    encoder_carries, carries = carries, False
+    half_core = 2 * B * h * T * S * k  # one of cross-attention's two score/value products
+    for i in range(c.num_layers_of("decoder")):
+        total += self_attention(B * T, T, carries)
+        q_or_o, k_or_v = 2 * B * T * d * inner, 2 * B * S * d * inner
+        total += (q_or_o + half_core) * carries  # the queries' gradient: q k^T, projection
+        total += (2 * k_or_v + 2 * half_core) * encoder_carries  # the keys' and values'
+        total += (q_or_o + half_core) * (carries or encoder_carries)  # o's input, the weights'
+        carries = carries or encoder_carries
+        plugged = i in plug.layer_indices("decoder", c.num_layers_of("decoder"))
+        total += ffn_sublayer(B * T, plugged, carries)
+        carries = carries or plugged
+    return total + 2 * B * T * d * c.vocab_size * carries  # LM head: the logits' gradient
 
 
 def matmul_params(config) -> dict[str, int]:

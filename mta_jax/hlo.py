@@ -295,7 +295,7 @@ def costs(text: "str | Module") -> dict:
       remat_flops: those of them that remat recomputes in the backward pass; matmul_flops -
           remat_flops is what the step needs (with every weight trained, `mta_jax.flops`'
           count; with a frozen backbone less, since no gradient is taken for frozen weights
-          nor through the blocks below the lowest trained one);
+          nor through the blocks below the lowest trained one: its frozen-backbone count);
       flops_left_out: the matmul FLOPs of the iterations the cost analysis does not count;
       bytes_left_out: the bytes those iterations move, counted the cost analysis's way;
       hbm_bytes: the bytes the step's top-level instructions read from and write to arrays in

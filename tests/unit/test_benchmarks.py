@@ -72,6 +72,40 @@ def test_flops_match_a_hand_count():
     assert F.forward_flops(dense_two, B, S, T) == forward + 5 * 4096 + 5 * 3072 + 2 * 288
 
 
+def test_frozen_backbone_backward_matches_a_hand_count():
+    # Stage two of the hand model (gathered top-2 + 1 shared adapter, gate 16 -> 4 -> 2):
+    # only the MTA blocks train. Backward products needed:
+    # Encoder: attention below the MTA block carries no gradient                  0
+    #   adapters' wi (3 of them) read the block's input: weight gradients only
+    #   3 * 2*8*8*16 = 6144; wo: weights' and the hidden's gradients 2 * 6144 = 12288
+    #   gate: both products of its 288                                             576 -> 19008
+    # Decoder: self-attention (input: the frozen embeddings)                       0
+    #   cross k, v on the 8 source tokens (the encoder output carries)  2 * 2*8*8*8 = 2048
+    #   q k^T for the keys only, weights @ v for weights and values:
+    #   3 * 2*B*h*T*S*k = 3 * 384 = 1152; o's input  2*6*8*8 = 768                 -> 3968
+    #   adapters: every product both gradients  2 * 3 * (1536 + 1536) = 18432, gate 576
+    #                                                                              -> 19008
+    # LM head: the decoder output's gradient  2*6*8*10 = 960
+    two = HAND.replace(ffn_plug=M.MTAConfig(
+        encoder_layers="last", decoder_layers="last", top_k=2, num_shared_adapters=1,
+        gate_hidden_dim=4, topk_compute="gather"))
+    backward = 19008 + 3968 + 19008 + 960
+    assert F.frozen_backbone_backward_flops(two, B, S, T) == backward == 42944
+    assert F.train_flops(two, B, S, T, frozen_backbone=True) == 36160 + backward
+    assert F.frozen_backbone_backward_flops(HAND, B, S, T) == 0  # nothing trains
+
+
+def test_tpu_table_meshes_and_grid():
+    from benchmarks import tpu_compile as TC
+    flags = lambda mesh, tensor: [f.split("=")[1] for f in TC.mesh_flags(mesh, tensor)]
+    assert flags("data", 2) == ["-1", "1", "1"] and flags("fsdp", 2) == ["1", "-1", "1"]
+    assert flags("fsdp_tensor", 4) == ["1", "-1", "4"] and flags("data_fsdp", 4) == ["-1", "8", "1"]
+    # data x fsdp=8 only where a slice has more than 8 chips; the default grid leaves it out.
+    assert TC.grid(["v5e-8", "v4-8", "v5e-32"], ["base"], ["data_fsdp"], ["stage1"]) == [
+        ("v5e-32", "base", "data_fsdp", "stage1")]
+    assert len(TC.grid(list(TC.SLICES), list(TC.MODELS), TC.GRID_MESHES, TC.STAGES)) == 72
+
+
 def test_mfu_uses_the_formula_and_the_device_peak():
     from benchmarks import gpu
     assert F.peak_flops_per_second("NVIDIA H100 80GB HBM3") == 989e12
