@@ -167,11 +167,9 @@ def compile_decoder(setup: build.Setup, name: str):
 
 # ----------------------------------------------------------------------------- the compiled HLO
 
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) +
-                 r")(-start)?\(")
-
 def _group_size(line: str, num_devices: int) -> int:
-    """Devices per replica group of a collective's HLO line (all devices when not given)."""
+    """Devices per replica group of a collective (`line`: what follows its opcode; all devices
+    when not given)."""
     mesh_form = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
     if mesh_form:
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh_form.group(1)))
@@ -194,13 +192,13 @@ def collectives(hlo_text: "str | hlo.Module", num_devices: int) -> dict[str, dic
     out = {k: {"count": 0, "bytes": 0.0, "traffic": 0.0} for k in COLLECTIVES}
     seen = set()
     module = hlo_text if isinstance(hlo_text, hlo.Module) else hlo.Module(hlo_text)
-    lines = ((line, module.runs.get(c, 1)) for c, body in module.computations.items()
-             for line in body)
-    for line, times in lines:
-        m = _OP.match(line)
-        if not m:
+    found = ((type_text, opcode, line, module.runs.get(c, 1)) for c in module.computations
+             for _, type_text, opcode, line in module.instructions(c))
+    for type_text, opcode, line, times in found:
+        is_async = opcode.endswith("-start")
+        kind = opcode[:-len("-start")] if is_async else opcode
+        if kind not in out:
             continue
-        type_text, kind, is_async = m.groups()
         # XLA TPU carries one asynchronous collective through several fused computations,
         # each holding a copy of it with the same channel: count it once.
         channel = re.search(r"channel_id=(\d+)", line)

@@ -168,12 +168,13 @@ def _collectives_of(hlo_path: str) -> list[tuple[str, list[int], str]]:
     ("mta._task_adapters/..."), jax 0.12 by the parameter ("params['...']['mta']['adapters']...")."""
     found = []
     with open(hlo_path) as f:
-        for line in f:
-            m = C._OP.match(line)
-            if m:
-                dims = re.search(r"\[([\d,]*)\]", m.group(1)).group(1)
-                op = re.search(r'op_name="([^"]*)"', line)
-                found.append((m.group(2), [int(d) for d in dims.split(",") if d],
+        module = hlo.Module(f.read())
+    for computation in module.computations:
+        for name, _, opcode, rest in module.instructions(computation):
+            kind = opcode.removesuffix("-start")
+            if kind in C.COLLECTIVES:
+                op = re.search(r'op_name="([^"]*)"', rest)
+                found.append((kind, module.dims(name),
                               op.group(1).replace("\\'", "'") if op else ""))
     return found
 
