@@ -10,7 +10,9 @@ Two of `compiled.cost_analysis()`'s figures do not mean what a roofline needs:
   each loop's trip count and each computation's executions per step.
 - Its "bytes accessed" are every operand and result of every instruction, in any memory. On a
   TPU most intermediate values live in the on-chip VMEM (memory space 1, `S(1)` in a layout);
-  `traffic_bytes(..., space=0)` counts what is read from and written to HBM.
+  `traffic_bytes(..., space=0)` counts what is read from and written to HBM; of a buffer that
+  a fusion passes through untouched or updates in place (`Module.fusion_in_place`), only
+  what it writes.
 `costs` gathers both, and which products remat recomputes, for `mta_jax.compile`.
 
 Module text (`compiled.as_text()`): computations `%name (params) -> type {` ... `}`, the entry
@@ -62,6 +64,7 @@ class Module:
         self.entry: Optional[str] = None
         self.types: dict[str, str] = {}
         self.ops: dict[str, tuple[str, str]] = {}  # name -> (opcode, what follows it)
+        self._in_place: dict[str, tuple[dict[int, int], set[int]]] = {}
         current = None
         for line in text.splitlines():
             head = _COMPUTATION.match(line) if line[:1] in ("%", "E") else None
@@ -163,6 +166,40 @@ class Module:
             return None
         return max(0, -(-(limit - start) // step))
 
+    def fusion_in_place(self, computation: str, outputs: int) -> tuple[dict[int, int], set[int]]:
+        """What a fusion calling `computation` leaves in place: ({output index: the bytes it
+        writes there}, {parameters it never reads}). An output that is one of its parameters
+        unchanged shares that buffer (0 bytes written); one that is a dynamic-update-slice of
+        a parameter writes the update's bytes into it. Such a parameter used by nothing else
+        is not read. (XLA's async collective fusions pass the buffers of a windowed einsum's
+        gathered weights through every iteration this way.) `outputs`: the arrays of the
+        fusion's result; nothing is taken as in place when they are not one per element."""
+        if computation in self._in_place:
+            return self._in_place[computation]
+        root, body = self._root(computation), self.instructions(computation)
+        elements = self._operands(root) if root and self.ops[root][0] == "tuple" else [root]
+        if len(elements) != outputs:
+            self._in_place[computation] = ({}, set())
+            return self._in_place[computation]
+        written, params = {}, {}
+        for i, element in enumerate(elements):
+            opcode = self.ops.get(element, ("",))[0]
+            if opcode == "parameter":
+                written[i], params[i] = 0, element
+            elif opcode == "dynamic-update-slice":
+                target, update = self._operands(element)[:2]
+                if self.ops.get(target, ("",))[0] == "parameter":
+                    written[i], params[i] = sum(shape_bytes(self.types[update])), target
+        unread = set()
+        for i, param in params.items():
+            pattern = re.compile(r"%" + re.escape(param) + r"\b")
+            users = [n for n, _, _, rest in body if pattern.search(rest.split(")")[0])]
+            if users in ([root], [elements[i]]) or (not users and elements[i] == root):
+                unread.add(int(re.match(r"\s*(\d+)\)", self.ops[param][1]).group(1)))
+        result = (written, unread)
+        self._in_place[computation] = result
+        return result
+
     def executions(self) -> dict[str, int]:  # also sets .fused and .unknown_trip_counts
         """How many times each computation runs in one execution of the entry: a loop body
         trip-count times its caller, a fused or called computation as often as its caller.
@@ -262,23 +299,36 @@ def traffic_bytes(module: Module, computation: str, space: Optional[int] = None)
     operands whole and writing its result (what a fusion does inside stays on chip). An
     asynchronous op counts the arrays of its `-start` result, which holds its operand and its
     result (a prefetch `copy-start`: the HBM source and the VMEM copy). `space`: only arrays in
-    that memory space (0: HBM); None: all of them, as XLA's cost analysis counts bytes."""
+    that memory space (0: HBM), where a buffer left in place (a fusion's output that is its
+    parameter unchanged or dynamically updated, a dynamic-update-slice) counts only the bytes
+    written into it; None: all of them whole, as XLA's cost analysis counts bytes."""
     def size(type_text):
         return sum(n for n, where in _arrays(type_text) if space is None or where == space)
 
+    def in_space(where):
+        return space is None or where == space
+
     total = 0
-    for name, type_text, opcode, _ in module.instructions(computation):
+    for name, type_text, opcode, rest in module.instructions(computation):
         if opcode in _NO_TRAFFIC or opcode.endswith("-done"):
             continue
+        operands = module._operands(name)
         if opcode == "slice-start":  # ((source), slice, context): only the slice is read
             (_, source), (piece, destination) = _arrays(type_text)[:2]
-            total += sum(piece for where in (source, destination)
-                         if space is None or where == space)
+            total += sum(piece for where in (source, destination) if in_space(where))
             continue
-        total += size(type_text)
+        written, unread = {}, set()
+        if space is not None and opcode == "dynamic-update-slice":  # in place: the update
+            (_, where), update = _arrays(type_text)[0], module.types[operands[1]]
+            written, unread = {0: sum(shape_bytes(update))}, {0}
+        elif space is not None and opcode == "fusion":
+            written, unread = module.fusion_in_place(
+                re.search(r"calls=%([\w.\-]+)", rest).group(1), len(_arrays(type_text)))
+        total += sum(written.get(i, n) for i, (n, where) in enumerate(_arrays(type_text))
+                     if in_space(where))
         if not opcode.endswith("-start"):
-            total += sum(size(module.types[o]) for o in module._operands(name)
-                         if o in module.types)
+            total += sum(size(module.types[o]) for k, o in enumerate(operands)
+                         if k not in unread and o in module.types)
     return total
 
 
@@ -300,7 +350,7 @@ def costs(text: "str | Module") -> dict:
       bytes_left_out: the bytes those iterations move, counted the cost analysis's way;
       hbm_bytes: the bytes the step's top-level instructions read from and write to arrays in
           HBM (memory space 0), prefetches and evictions included, as they run: an estimate
-          of HBM traffic that leaves out what stays in VMEM.
+          of HBM traffic that leaves out what stays in VMEM and buffers left in place.
     """
     module = text if isinstance(text, Module) else Module(text)
     flops_once = flops_run = remat = left_bytes = hbm = loops = 0

@@ -92,6 +92,49 @@ def test_an_unreadable_loop_is_counted_once_and_said():
     assert out["unknown_trip_counts"] == 1 and out["flops_left_out"] == 0
 
 
+# A fusion of the async-collective form: it passes a buffer through untouched (%buf),
+# writes one row into another in place (%acc), and computes a new array from %x.
+IN_PLACE = """HloModule in_place
+
+%f (x: f32[64,32], buf: f32[256,32], acc: f32[16,32], row: f32[1,32], i: s32[]) -> (f32[64,32], f32[256,32], f32[16,32]) {
+  %x = f32[64,32]{1,0} parameter(0)
+  %buf = f32[256,32]{1,0} parameter(1)
+  %acc = f32[16,32]{1,0} parameter(2)
+  %row = f32[1,32]{1,0} parameter(3)
+  %i = s32[] parameter(4)
+  %zero = s32[] constant(0)
+  %y = f32[64,32]{1,0} negate(%x)
+  %acc2 = f32[16,32]{1,0} dynamic-update-slice(%acc, %row, %i, %zero)
+  ROOT %t = (f32[64,32]{1,0}, f32[256,32]{1,0}, f32[16,32]{1,0}) tuple(%y, %buf, %acc2)
+}
+
+ENTRY %main (x.0: f32[64,32], buf.0: f32[256,32], acc.0: f32[16,32], row.0: f32[1,32], i.0: s32[]) -> (f32[64,32], f32[256,32], f32[16,32]) {
+  %x.0 = f32[64,32]{1,0} parameter(0)
+  %buf.0 = f32[256,32]{1,0} parameter(1)
+  %acc.0 = f32[16,32]{1,0} parameter(2)
+  %row.0 = f32[1,32]{1,0} parameter(3)
+  %i.0 = s32[] parameter(4)
+  %out = (f32[64,32]{1,0}, f32[256,32]{1,0}, f32[16,32]{1,0}) fusion(%x.0, %buf.0, %acc.0, %row.0, %i.0), kind=kLoop, calls=%f
+  %big = f32[256,32]{1,0} get-tuple-element(%out), index=1
+  ROOT %upd = f32[256,32]{1,0} dynamic-update-slice(%big, %row.0, %i.0, %i.0)
+}
+"""
+
+
+def test_hbm_traffic_leaves_out_buffers_passed_through_or_updated_in_place():
+    module = hlo.Module(IN_PLACE)
+    assert module.fusion_in_place("f", 3) == ({1: 0, 2: 32 * 4}, {1, 2})
+    x, row, i = 64 * 32 * 4, 32 * 4, 4
+    # The fusion reads x, the row and i and writes y and one row of acc; the buffer passed
+    # through and acc's other rows are neither read nor written. The entry's update reads
+    # the row and i twice and writes the row.
+    assert hlo.traffic_bytes(module, "main", space=0) == (x + row + i + x + row) + (
+        row + 2 * i + row)
+    # The cost analysis's way (every memory, space=None) still counts whole operands.
+    whole = (x + 256 * 32 * 4 + 16 * 32 * 4 + row + i) + (x + 256 * 32 * 4 + 16 * 32 * 4)
+    assert hlo.traffic_bytes(module, "main") == whole + (256 * 32 * 4 + row + 2 * i) + 256 * 32 * 4
+
+
 def test_a_convolution_counts_only_window_positions_on_the_input():
     # A batch dimension laid out as a padded spatial one (as XLA TPU writes batched dots):
     # output o and window k meet the input at o + k - 3, inside [0, 3] for 1+2+3+4 pairs.
