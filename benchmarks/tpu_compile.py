@@ -97,13 +97,15 @@ def _cell_text(result: dict) -> str:
     total = step["memory"]["total"] / GiB
     if not step["fits"]:
         how = "no compile" if "note" in step and "not compiled" in step["note"] else "compiled"
-        return f"**does not fit**: {total:.1f} GiB ({how})"
+        hbm = result["hbm_bytes"] / GiB  # two decimals where one would read as fitting
+        return f"**does not fit**: {total:.{2 if round(total, 1) <= hbm else 1}f} GiB ({how})"
     if "hbm_bytes" not in step["cost"]:  # compiled before the HBM traffic was told apart
         return f"{total:.2f} GiB, step not derived (compiled by an older mta_jax.compile)"
     r = step["roofline"]
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.0f}%"
     bound = {"compute": "FLOPs", "hbm": "HBM", "ici": "ICI"}[r["bound"]]
-    return f"{total:.2f} GiB, {1e3 * r['step_s']:.3g} ms ({bound}), {mfu}"
+    time = f"{1e3 * r['step_s']:.3g} ms" if r["step_s"] < 1 else f"{r['step_s']:.3g} s"
+    return f"{total:.2f} GiB, {time} ({bound}), {mfu}"
 
 
 def _compile_seconds(results) -> str:

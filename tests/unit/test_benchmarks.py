@@ -104,6 +104,15 @@ def test_tpu_table_meshes_and_grid():
     assert TC.grid(["v5e-8", "v4-8", "v5e-32"], ["base"], ["data_fsdp"], ["stage1"]) == [
         ("v5e-32", "base", "data_fsdp", "stage1")]
     assert len(TC.grid(list(TC.SLICES), list(TC.MODELS), TC.GRID_MESHES, TC.STAGES)) == 72
+    # A cell over the chip's HBM by less than 0.05 GiB keeps two decimals; a second is a second.
+    def cell(total_gib, fits, step_s=0.5):
+        return {"hbm_bytes": 16 * TC.GiB, "steps": [{
+            "fits": fits, "memory": {"total": total_gib * TC.GiB}, "cost": {"hbm_bytes": 1},
+            "roofline": {"step_s": step_s, "bound": "hbm", "mfu": 0.5}}]}
+    assert TC._cell_text(cell(16.04, False)) == "**does not fit**: 16.04 GiB (compiled)"
+    assert TC._cell_text(cell(34.72, False)) == "**does not fit**: 34.7 GiB (compiled)"
+    assert TC._cell_text(cell(15.93, True, 1.1907)) == "15.93 GiB, 1.19 s (HBM), 50%"
+    assert TC._cell_text(cell(9.1, True, 0.2374)) == "9.10 GiB, 237 ms (HBM), 50%"
 
 
 def test_mfu_uses_the_formula_and_the_device_peak():
