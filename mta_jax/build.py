@@ -331,11 +331,14 @@ def make_setup(config: ml_collections.ConfigDict, *, training: bool = True,
 
 
 def model_config(config, plug: Optional[t5_lib.FfnPlug], vocab_size: int,
-                 pretrained: Optional[Pretrained]) -> t5_lib.T5Config:
-    """The T5Config with `plug`: the pretrained folder's shape, or `config.model`'s."""
+                 pretrained: Optional[Pretrained], mesh=None) -> t5_lib.T5Config:
+    """The T5Config with `plug`: the pretrained folder's shape, or `config.model`'s. A mesh
+    with tensor parallelism ties each block's dropout masks to the block (ffn.Dropout): under
+    data and fsdp XLA drew them where used already, and the tie cost HBM traffic there."""
     m = config.model
+    tensor_parallel = mesh is not None and mesh.shape["tensor"] > 1
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-                  dropout_rate=m.dropout_rate, ffn_plug=plug)
+                  dropout_rate=m.dropout_rate, ffn_plug=plug, tie_dropout_masks=tensor_parallel)
     if pretrained is not None:
         t5 = pretrained.model_config(**common)
         if vocab_size > t5.vocab_size:  # ids past the embedding would be clamped silently
@@ -368,7 +371,8 @@ def abstract_params(model: t5_lib.T5, mesh, rules) -> tuple[Any, Any]:
 def _build_stage(setup: Setup, name: str) -> Stage:
     config = setup.config
     vocab = len(setup.tokenizer) if setup.tokenizer is not None else 0  # shapes only: unused
-    model = t5_lib.T5(model_config(config, setup.plugs[name], vocab, setup.pretrained))
+    model = t5_lib.T5(model_config(config, setup.plugs[name], vocab, setup.pretrained,
+                                   setup.mesh))
     start, vocab = setup.train_decoder_start_id, model.config.vocab_size
     if start is not None and start >= vocab:  # the embedding is not resized for it
         _fail("data.train_decoder_start", f"a token or id below the model's vocabulary size "

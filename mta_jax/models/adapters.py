@@ -42,4 +42,4 @@ class SharedAdapter(nn.Module):
         """x: [b, l, embed] (already normed) -> the adapter's output [b, l, embed]."""
         adapter = ffn_lib.StackedFFN(self.config, num=1, kind="bottleneck",
                                      width=self.plug.adapter_dim, name="adapter")
-        return adapter(x[None], deterministic=deterministic)[0]
+        return adapter(x[None], deterministic=deterministic, dropout_after=ctx.dropout_after)[0]

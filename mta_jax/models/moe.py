@@ -143,7 +143,7 @@ class SwitchMoE(nn.Module):
         dt = jnp.dtype(c.dtype)
         expert_in = jnp.einsum("btec,btm->ebcm", dispatch.astype(dt), x)  # [E, b, C, embed]
         expert_out = ffn_lib.StackedFFN(c, num=m.num_experts, name="experts")(
-            expert_in, deterministic=deterministic)
+            expert_in, deterministic=deterministic, dropout_after=ctx.dropout_after)
         return jnp.einsum("btec,ebcm->btm", combine.astype(dt), expert_out)
 
 
@@ -176,5 +176,6 @@ class TaskMoE(nn.Module):
         n = len(self.moe.task_types)
         self.sow("router", "adapter_weights", jax.nn.one_hot(ctx.task_ids, n, dtype=jnp.float32))
         y = ffn_lib.StackedFFN(self.config, num=n, name="experts")(
-            x, deterministic=deterministic, select=ctx.task_ids[:, None])  # [b, l, 1, embed]
+            x, deterministic=deterministic, select=ctx.task_ids[:, None],
+            dropout_after=ctx.dropout_after)  # [b, l, 1, embed]
         return y[:, :, 0]

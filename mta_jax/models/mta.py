@@ -201,12 +201,13 @@ class MTABlock(nn.Module):
         if m.top_k is not None:
             weights = select_adapters(weights, ctx.task_ids, m)
         self.sow("router", "adapter_weights", weights)
-        y_task = self._task_adapters(x, weights, deterministic)
+        y_task = self._task_adapters(x, weights, deterministic, ctx.dropout_after)
         if m.num_shared_adapters == 0:
             return y_task
 
         y_shared = self._adapters("shared_adapters", m.num_shared_adapters)(
-            _broadcast(x, m.num_shared_adapters), deterministic=deterministic)  # [S, b, l, embed]
+            _broadcast(x, m.num_shared_adapters), deterministic=deterministic,
+            dropout_after=ctx.dropout_after)  # [S, b, l, embed]
         first = jnp.concatenate([y_task[None, :, :1], y_shared[:, :, :1]], axis=0)  # [1+S, b, 1, e]
         gate = self._gate(first, ctx)  # [b, 1 + S]
         self.sow("router", "gate_weights", gate)
@@ -220,7 +221,8 @@ class MTABlock(nn.Module):
                                   activation_axes=(ffn_lib.STACK_AXIS, "batch", "length"),
                                   name=name)
 
-    def _task_adapters(self, x: Array, weights: Array, deterministic: bool) -> Array:
+    def _task_adapters(self, x: Array, weights: Array, deterministic: bool,
+                       dropout_after: Optional[Array]) -> Array:
         """sum_e w_be A_e(x): x [b, l, embed], weights [b, E] -> [b, l, embed]."""
         m = self.mta
         adapters = self._adapters("adapters", m.num_adapters)
@@ -229,9 +231,11 @@ class MTABlock(nn.Module):
             # The selection zeroed the unkept weights, so the k largest are the kept ones (a
             # kept weight that underflowed to 0 adds nothing either way).
             kept_weights, kept = lax.top_k(weights, m.top_k)  # [b, k]
-            y = adapters(x, deterministic=deterministic, select=kept)  # [b, l, k, embed]
+            y = adapters(x, deterministic=deterministic, select=kept,
+                         dropout_after=dropout_after)  # [b, l, k, embed]
             return jnp.einsum("blke,bk->ble", y, kept_weights.astype(dt))
-        y = adapters(_broadcast(x, m.num_adapters), deterministic=deterministic)  # [E, b, l, e]
+        y = adapters(_broadcast(x, m.num_adapters), deterministic=deterministic,
+                     dropout_after=dropout_after)  # [E, b, l, e]
         return jnp.einsum("nble,bn->ble", y, weights.astype(dt))
 
     def _gate(self, first: Array, ctx: t5_lib.FfnContext) -> Array:

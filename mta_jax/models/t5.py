@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from mta_jax.errors import ConfigError
-from mta_jax.models.ffn import StackedFFN
+from mta_jax.models.ffn import Dropout, StackedFFN
 
 Array = jax.Array
 # Blocks of one stack: "all" | "last" | "none" | block indices (negative count from the end).
@@ -58,6 +58,7 @@ class FfnContext:
     route_hidden: Optional[Array]  # [batch, embed]: encoder output at position 0 (decoder only)
     decode: bool = struct.field(pytree_node=False)  # a key/value cache is in use
     decode_index: Optional[Array] = None  # int32 scalar: the position being decoded, if stepping
+    dropout_after: Optional[Array] = None  # the block's input, when its masks wait for it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,9 @@ class T5Config:
     dtype: str = "float32"  # computation dtype
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: bool = False  # rematerialise each block in the backward pass
+    # Draw each block's dropout masks once the block's input exists (ffn.Dropout); build sets
+    # it under tensor parallelism, where XLA drew every mask at the start of the step.
+    tie_dropout_masks: bool = False
     ffn_plug: Optional[FfnPlug] = None  # e.g. mta.MTAConfig; None for plain T5
 
     def __post_init__(self):
@@ -257,7 +261,8 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, kv_input: Array, bias: Array, *, deterministic: bool,
-                 decode: bool = False, decode_index: Optional[Array] = None) -> Array:
+                 decode: bool = False, decode_index: Optional[Array] = None,
+                 dropout_after: Optional[Array] = None) -> Array:
         """x: [b, q, embed]; kv_input: [b, k, embed]; bias: float32 [b|1, heads, q, k]."""
         c = self.config
         dt = dtype_of(c.dtype)
@@ -296,7 +301,8 @@ class Attention(nn.Module):
 
         scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(dt)
-        weights = nn.Dropout(c.dropout_rate)(weights, deterministic=deterministic)
+        weights = Dropout(c.dropout_rate)(weights, deterministic=deterministic,
+                                          after=dropout_after)
         out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
         out = out.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], h * d)
         return out @ wo.reshape(h * d, e).astype(dt)
@@ -317,7 +323,8 @@ class FfnSubLayer(nn.Module):
             self.stack, c.num_layers_of(self.stack))
         out = 0.0
         if not plugged or not plug.replaces_dense:
-            out = StackedFFN(c, name="mlp")(x, deterministic=deterministic)
+            out = StackedFFN(c, name="mlp")(x, deterministic=deterministic,
+                                            dropout_after=ctx.dropout_after)
         if plugged:
             out = out + plug.make(c)(x, ctx, deterministic=deterministic)
         return out
@@ -333,22 +340,27 @@ class Block(nn.Module):
                  decode: bool):
         """x: [b, l, embed]; biases: float32 [b|1, heads, q, k]; encoded: [b, s, embed] | None."""
         c = self.config
-        drop = nn.Dropout(c.dropout_rate)
         is_dec = self.stack == "decoder"
         idx = ctx.decode_index
+        after = x if c.tie_dropout_masks else None  # every mask of the block waits for x
+        dropout = Dropout(c.dropout_rate)  # one module (one key stream) for the three
+        drop = lambda y: dropout(y, deterministic=deterministic, after=after)
 
         y = RMSNorm(c, name="pre_self_attention_layer_norm")(x)
         y = Attention(c, name="self_attention")(y, y, self_bias, deterministic=deterministic,
-                                               decode=decode, decode_index=idx)
-        x = x + drop(y, deterministic=deterministic)
+                                               decode=decode, decode_index=idx,
+                                               dropout_after=after)
+        x = x + drop(y)
         if is_dec:
             y = RMSNorm(c, name="pre_cross_attention_layer_norm")(x)
             y = Attention(c, is_cross=True, name="encoder_decoder_attention")(
-                y, encoded, cross_bias, deterministic=deterministic, decode=decode)
-            x = x + drop(y, deterministic=deterministic)
+                y, encoded, cross_bias, deterministic=deterministic, decode=decode,
+                dropout_after=after)
+            x = x + drop(y)
         y = RMSNorm(c, name="pre_mlp_layer_norm")(x)
-        y = FfnSubLayer(c, self.stack, self.layer, name="ffn")(y, ctx, deterministic=deterministic)
-        return x + drop(y, deterministic=deterministic)
+        y = FfnSubLayer(c, self.stack, self.layer, name="ffn")(
+            y, ctx.replace(dropout_after=after), deterministic=deterministic)
+        return x + drop(y)
 
 
 def _mask_bias(mask: Array) -> Array:

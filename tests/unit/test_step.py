@@ -160,3 +160,28 @@ def test_dropout_keys_of_each_impl_drive_the_step(setup):
     rbg = jax.random.fold_in(step_lib.dropout_key(42, 1, "rbg"), 3)
     assert loss(fry) == loss(raw)
     assert np.isfinite(loss(rbg)) and loss(rbg) == loss(rbg) != loss(fry)
+
+
+@pytest.mark.slow  # over 3 s on 2 cores
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_dropout_masks_tied_to_their_block_change_no_number(setup, impl):
+    """T5Config.tie_dropout_masks (build sets it under tensor parallelism) orders the draws
+    and nothing else: the same masks, so the same loss and the same updated parameters, bit
+    for bit, through attention, FFN, MTA task and shared adapter dropouts."""
+    _, params, batch = setup
+    key = jax.random.fold_in(step_lib.dropout_key(42, 0, impl), 3)
+
+    def run(tie):
+        model = T5(CFG.replace(dropout_rate=0.5, tie_dropout_masks=tie))
+        step, opt_state, _ = _step(model, params, ".*")
+        barriers = str(jax.make_jaxpr(step)(params, opt_state, batch, key)).count(
+            "optimization_barrier")
+        new, _, metrics = step(params, opt_state, batch, key)
+        return barriers, float(metrics["loss"]), new
+
+    (tied_barriers, tied_loss, tied), (plain_barriers, plain_loss, plain) = run(True), run(False)
+    # One block a stack, MTA in each: the encoder's 2 residual drops, its attention weights,
+    # the task adapters and the shared adapter; the decoder's 3, 2 and the same 2.
+    assert (tied_barriers, plain_barriers) == (5 + 7, 0)
+    assert tied_loss == plain_loss
+    jax.tree.map(np.testing.assert_array_equal, tied, plain)
