@@ -15,9 +15,9 @@ def get_config():
     config.train.batch_size = 1
     config.model.remat = True  # trade compute for activation memory
     # fsdp x tensor=2 across the slice: compiled for a v5e-8 at batch 64 (512/64 tokens) stage
-    # one needs 9.72 GiB a chip (15.04 of the 16 GiB with replicated parameters) and has the
-    # shortest roofline bound of the three meshes, 130 ms (fsdp alone 145, data 155; stage two
-    # 88, 85, 76) (README, "Compile for a TPU slice"). On a v4-8 --config.mesh.tensor=1 is
+    # one needs 6.98 GiB a chip (15.04 of the 16 GiB with replicated parameters) and has the
+    # shortest roofline bound of the three meshes, 124 ms (fsdp alone 145, data 155; stage two
+    # 83, 85, 76) (README, "Compile for a TPU slice"). On a v4-8 --config.mesh.tensor=1 is
     # shorter; on a v5e-32 --config.mesh.data=-1 --config.mesh.fsdp=8 --config.mesh.tensor=1
     # (119 ms against 155 replicated and 183 for fsdp=32). Set train.batch_size to fill the
     # slice (8 a chip).
