@@ -319,8 +319,7 @@ def traffic_bytes(module: Module, computation: str, space: Optional[int] = None)
             continue
         written, unread = {}, set()
         if space is not None and opcode == "dynamic-update-slice":  # in place: the update
-            (_, where), update = _arrays(type_text)[0], module.types[operands[1]]
-            written, unread = {0: sum(shape_bytes(update))}, {0}
+            written, unread = {0: sum(shape_bytes(module.types[operands[1]]))}, {0}
         elif space is not None and opcode == "fusion":
             written, unread = module.fusion_in_place(
                 re.search(r"calls=%([\w.\-]+)", rest).group(1), len(_arrays(type_text)))

@@ -47,15 +47,11 @@ class Dropout(nn.Dropout):
     def __call__(self, inputs: Array, deterministic: Optional[bool] = None, rng=None, *,
                  after: Optional[Array] = None) -> Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
-        if after is None or deterministic or self.rate in (0.0, 1.0):
-            return super().__call__(inputs, deterministic, rng)
-        if rng is None:
-            rng = self.make_rng(self.rng_collection)
-        _, rng = lax.optimization_barrier((after, rng))
-        keep = 1.0 - self.rate  # from here on as nn.Dropout
-        shape = [1 if d in self.broadcast_dims else n for d, n in enumerate(inputs.shape)]
-        mask = jnp.broadcast_to(jax.random.bernoulli(rng, p=keep, shape=shape), inputs.shape)
-        return lax.select(mask, inputs / keep, jnp.zeros_like(inputs))
+        if after is not None and not deterministic and 0.0 < self.rate < 1.0:
+            if rng is None:
+                rng = self.make_rng(self.rng_collection)
+            _, rng = lax.optimization_barrier((after, rng))
+        return super().__call__(inputs, deterministic, rng)
 
 
 def take_or_nan(table: Array, ids: Array) -> Array:
